@@ -1,0 +1,34 @@
+// fastjac._C: the one module of the C++/CUDA extension. The CPU launchers are bound here; a CUDA build
+// adds its launchers through register_cuda_ops (csrc/cuda_ops.cpp).
+#include "fastjac.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastjac C++ launchers (CPU, OpenMP); same signatures as the launchers in fastjac/ops";
+
+  m.def("stream_epilogue_forward", &stream_epilogue_forward, py::arg("y"), py::arg("bias"), py::arg("rep"),
+        py::arg("relu"),
+        "stream_epilogue_forward(y [O,S,I], bias [O,NB] | None, rep, relu) -> (out [O,S,I], mask [O,I] bool | None)\n"
+        "Bias (index (i // rep) % NB) on stream 0; ReLU mask from stream 0 applied to every stream.");
+  m.def("stream_epilogue_backward", &stream_epilogue_backward, py::arg("grad_out"), py::arg("mask"), py::arg("nb"),
+        py::arg("rep"), py::arg("has_bias"),
+        "stream_epilogue_backward(grad_out [O,S,I], mask [O,I] | None, nb, rep, has_bias)\n"
+        "    -> (grad_y [O,S,I], grad_bias [O,NB] | None)");
+  m.def("stacked_linear_forward", &stacked_linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("streams"), py::arg("relu"),
+        "stacked_linear_forward(x [R,IN] | [M,R,IN], weight [M,OUT,IN], bias [M,OUT] | None, streams, relu)\n"
+        "    -> (out [M,R,OUT], mask [M,B*OUT] bool | None)   with R = streams * B");
+  m.def("stacked_linear_backward", &stacked_linear_backward, py::arg("grad_out"), py::arg("x"), py::arg("weight"),
+        py::arg("mask"), py::arg("streams"), py::arg("has_bias"), py::arg("needs_x_grad"),
+        "stacked_linear_backward(grad_out [M,R,OUT], x, weight, mask | None, streams, has_bias, needs_x_grad)\n"
+        "    -> (grad_x like x | None, grad_weight [M,OUT,IN], grad_bias [M,OUT] | None)\n"
+        "grad_x of a shared x [R,IN] is summed over the members.");
+
+#ifdef FASTJAC_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+  register_cuda_ops(m);
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+}

@@ -1,0 +1,3 @@
+from fastjac.cli import main
+
+raise SystemExit(main())

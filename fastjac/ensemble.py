@@ -1,0 +1,170 @@
+"""``Ensemble``: M members of one architecture with their parameters stacked along a member axis."""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fastjac import backends, engine
+
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"fastjac: running on the generic torch.func path ({reason})", stacklevel=3)
+
+
+def _key(name: str) -> str:
+    """Parameter names as ParameterDict keys ('1.weight' -> '1__weight': dots are not allowed)."""
+    return name.replace(".", "__")
+
+
+def check_same_architecture(members: Sequence[nn.Module]) -> None:
+    """Raise ValueError naming the first difference between member 0 and any other member."""
+    first = members[0]
+    first_layers = [type(module).__name__ for module in first.modules()]
+    first_params = {name: (tuple(p.shape), p.dtype) for name, p in first.named_parameters()}
+    first_buffers = {name: tuple(b.shape) for name, b in first.named_buffers()}
+    for index, member in enumerate(members[1:], start=1):
+        if not isinstance(member, nn.Module):
+            raise TypeError(f"ensemble member {index} is a {type(member).__name__}, not an nn.Module")
+        layers = [type(module).__name__ for module in member.modules()]
+        if layers != first_layers:
+            raise ValueError(f"ensemble members differ in architecture: member {index} has layers {layers[1:]}, "
+                             f"member 0 has {first_layers[1:]}")
+        params = {name: (tuple(p.shape), p.dtype) for name, p in member.named_parameters()}
+        if params != first_params:
+            diff = sorted(set(params.items()) ^ set(first_params.items()))
+            raise ValueError(f"ensemble members differ in parameters: member {index} vs member 0 at {diff[:2]}")
+        if {name: tuple(b.shape) for name, b in member.named_buffers()} != first_buffers:
+            raise ValueError(f"ensemble members differ in buffers: member {index} vs member 0")
+        if str(member) != str(first):
+            raise ValueError(f"ensemble members differ in layer settings: member {index} is\n{member}\n"
+                             f"member 0 is\n{first}")
+
+
+class Ensemble(nn.Module):
+    """An ensemble of M members sharing one architecture; ``forward(x)`` is the mean of member logits.
+
+    Parameters live stacked: each member parameter of shape S becomes one ``nn.Parameter`` [M, *S], so
+    an optimizer step on the ensemble is M independent member steps. Architectures the engine fuses
+    (``fastjac.engine.parse``) run all members in one batched pass per layer; any other runs on a generic
+    torch.func path (vmap over ``functional_call``) with a one-time warning.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        members = list(members)
+        if not members:
+            raise ValueError("an Ensemble needs at least one member")
+        if not isinstance(members[0], nn.Module):
+            raise TypeError(f"ensemble member 0 is a {type(members[0]).__name__}, not an nn.Module")
+        check_same_architecture(members)
+        # The template keeps the architecture (never its values) on the meta device, outside the module tree.
+        self._template = [copy.deepcopy(members[0]).to("meta")]
+        self.names = [name for name, _ in members[0].named_parameters()]
+        self.stacked = nn.ParameterDict({
+            _key(name): nn.Parameter(torch.stack([dict(m.named_parameters())[name].detach() for m in members]))
+            for name in self.names})
+        for name, _ in members[0].named_buffers():
+            self.register_buffer("buffer__" + _key(name), torch.stack([dict(m.named_buffers())[name] for m in members]))
+        self.buffer_names = [name for name, _ in members[0].named_buffers()]
+        try:
+            self.layers, self.unsupported = engine.parse(members[0]), None
+        except engine.UnsupportedArchitecture as reason:
+            self.layers, self.unsupported = None, str(reason)
+
+    # -------------------------------------------------------------------------------------- views
+    @property
+    def num_members(self) -> int:
+        return next(iter(self.stacked.values())).shape[0]
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """Stacked parameters by member-module name ('1.weight' -> [M, *shape])."""
+        return {name: self.stacked[_key(name)] for name in self.names}
+
+    def buffers_by_name(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, "buffer__" + _key(name)) for name in self.buffer_names}
+
+    def fused(self) -> bool:
+        """True when this call runs on the stacked engine (architecture supported in this mode)."""
+        if self.layers is None:
+            _warn_once(self.unsupported)
+            return False
+        if not engine.fusable_in_mode(self.layers, self.training):
+            _warn_once("Dropout with p > 0 in training mode")
+            return False
+        return True
+
+    def engine(self, backend: str | None = None) -> engine.Engine:
+        device = next(iter(self.stacked.values())).device
+        return engine.Engine(self.layers, self.params(), backends.resolve(backend, device.type))
+
+    def members(self) -> list[nn.Module]:
+        """Unstacked copies of the members as ordinary nn.Modules (detached from this ensemble)."""
+        result = []
+        device = next(iter(self.stacked.values())).device
+        for index in range(self.num_members):
+            member = copy.deepcopy(self._template[0]).to_empty(device=device)
+            state = {name: tensor[index].detach().clone() for name, tensor in self.params().items()}
+            state.update({name: tensor[index].clone() for name, tensor in self.buffers_by_name().items()})
+            member.load_state_dict(state)
+            member.train(self.training)
+            result.append(member)
+        return result
+
+    def member_function(self, index: int):
+        """Member ``index`` as a function of x that reads the live stacked parameters (differentiable)."""
+        params = {name: tensor[index] for name, tensor in self.params().items()}
+        params.update({name: tensor[index] for name, tensor in self.buffers_by_name().items()})
+        template = self._template[0]
+        template.train(self.training)
+        return lambda x: torch.func.functional_call(template, params, (x,))
+
+    # ------------------------------------------------------------------------------------ forward
+    def member_logits(self, x: torch.Tensor, *, per_member: bool = False, backend: str | None = None) -> torch.Tensor:
+        """Logits of every member, [M, B, C]. ``x``: [B, *input] shared, or [M, B, *input] with per_member."""
+        if per_member and x.shape[0] != self.num_members:
+            raise ValueError(f"per-member inputs must be [M={self.num_members}, B, ...], got {tuple(x.shape)}")
+        if self.fused():
+            logits, _, _ = self.engine(backend).forward(x, per_member=per_member)
+            return logits
+        params = {name: tensor for name, tensor in self.params().items()}
+        params.update(self.buffers_by_name())
+        template = self._template[0]
+        template.train(self.training)
+
+        def call(member_params, member_x):
+            return torch.func.functional_call(template, member_params, (member_x,))
+
+        return torch.func.vmap(call, in_dims=(0, 0 if per_member else None), randomness="different")(params, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Ensemble output: mean of member logits, [B, C]."""
+        return self.member_logits(x).mean(dim=0)
+
+    def extra_repr(self) -> str:
+        path = "stacked engine" if self.layers is not None else f"generic path: {self.unsupported}"
+        return f"members={self.num_members}, {path}"
+
+
+def fused_view(model: nn.Module):
+    """(layers, stacked params [M, ...]) when the engine can run ``model`` in its current mode, else None.
+
+    An Ensemble gives its stacked parameters; a plain module counts as one member (params unsqueezed,
+    still differentiable views of its own parameters).
+    """
+    if isinstance(model, Ensemble):
+        return (model.layers, model.params()) if model.fused() else None
+    try:
+        layers = engine.parse(model)
+    except engine.UnsupportedArchitecture:
+        return None
+    if not engine.fusable_in_mode(layers, model.training):
+        return None
+    return layers, {name: p.unsqueeze(0) for name, p in model.named_parameters()}

@@ -1,0 +1,181 @@
+"""Jacobian regularization: ``jacobian_penalty`` (every mode and target) and Hoffman's ``JacobianReg``.
+
+The penalty is the mean over the batch of an estimate of ||J(x_b)||_F^2 (DESIGN.md). Ensembles of
+fused architectures and fused single modules run on the stacked engine (one pass, no double
+backward); anything else, and mode="exact", runs on ``fastjac.reference``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastjac import backends, engine, reference
+from fastjac._checks import check_choice, check_inputs, check_nproj
+from fastjac.ensemble import Ensemble, fused_view
+
+MODES = ("vjp", "jvp", "exact")
+TARGETS = ("members", "ensemble")
+
+
+def make_projections(mode: str, nproj: int, x_shape, classes: int, *, generator=None, dtype=torch.float32,
+                     device="cpu") -> torch.Tensor | None:
+    """Random projections for ``mode``: v [nproj, B, C] unit rows (vjp) or u [nproj, B, *input] (jvp).
+
+    ``x_shape`` is the shared input's shape [B, *input]. None for vjp with nproj = -1 (exact basis).
+    """
+    if mode == "vjp":
+        if nproj == -1:
+            return None
+        return reference.sphere_projections(nproj, x_shape[0], classes, generator=generator, dtype=dtype, device=device)
+    return reference.gaussian_projections(nproj, x_shape, generator=generator, dtype=dtype, device=device)
+
+
+def _check_projections(projections: torch.Tensor, mode: str, x_shape, classes: int | None) -> None:
+    expected = "[nproj, B, C]" if mode == "vjp" else "[nproj, B, *input]"
+    if projections.dim() < 3 or projections.shape[1] != x_shape[0]:
+        raise ValueError(f"projections for mode={mode!r} must be {expected} with B={x_shape[0]}, "
+                         f"got {tuple(projections.shape)}")
+    if mode == "jvp" and tuple(projections.shape[1:]) != tuple(x_shape):
+        raise ValueError(f"projections for mode='jvp' must be [nproj, {', '.join(map(str, x_shape))}], "
+                         f"got {tuple(projections.shape)}")
+    if mode == "vjp":
+        if classes is not None and projections.shape[2] != classes:
+            raise ValueError(f"projections for mode='vjp' must be [nproj, B, C={classes}], got {tuple(projections.shape)}")
+        norms = projections.norm(dim=-1)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+            raise ValueError("projections for mode='vjp' must have unit rows (Hoffman's estimator scales by C)")
+    if not torch.isfinite(projections).all():
+        raise ValueError("projections contain NaN or inf values")
+
+
+def penalty_and_logits(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mode: str = "vjp",
+                       target: str = "members", projections: torch.Tensor | None = None,
+                       backend: str | None = None, per_member: bool = False, generator=None):
+    """(member logits [M, B, C], penalty [M] or scalar) in one pass: what a JR training step needs.
+
+    A single module counts as M = 1 and gets a scalar penalty; so does target="ensemble".
+    """
+    check_choice(mode, MODES, "mode")
+    check_choice(target, TARGETS, "target")
+    check_inputs(x, "x")
+    if mode != "exact":
+        check_nproj(nproj, mode)
+    is_ensemble = isinstance(model, Ensemble)
+    if per_member and not is_ensemble:
+        raise ValueError("per_member inputs need an Ensemble")
+    if per_member and target == "ensemble":
+        raise ValueError("target='ensemble' needs one batch shared by all members (per_member=False)")
+    shared_shape = tuple(x.shape[1:]) if per_member else tuple(x.shape)
+
+    fused = None if mode == "exact" else fused_view(model)
+    if fused is not None:
+        layers, params = fused
+        run = engine.Engine(layers, params, backends.resolve(backend, x.device.type))
+        logits, penalty = _fused_penalty(run, x, mode, nproj, target, projections, per_member, shared_shape, generator)
+    else:
+        logits, penalty = _reference_penalty(model, x, mode, nproj, target, projections, per_member, shared_shape, generator)
+    if not is_ensemble or target == "ensemble":
+        penalty = penalty.reshape(())
+    return logits, penalty
+
+
+def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_member, shared_shape, generator):
+    batch = shared_shape[0]
+    if mode == "jvp":
+        u = projections if projections is not None else make_projections(
+            "jvp", nproj, shared_shape, 0, generator=generator, dtype=x.dtype, device=x.device)
+        _check_projections(u, "jvp", shared_shape, None)
+        logits, tangents, _ = run.forward(x, u, per_member=per_member)
+        streams = tangents.mean(0, keepdim=True) if target == "ensemble" else tangents  # J_ens u = mean_m J_m u
+        return logits, streams.pow(2).sum(dim=(1, 2, 3)) / (u.shape[0] * batch)
+    logits, _, tape = run.forward(x, per_member=per_member, record=True)
+    classes = logits.shape[-1]
+    if projections is None and nproj != -1:
+        projections = make_projections("vjp", nproj, shared_shape, classes, generator=generator, dtype=x.dtype,
+                                       device=x.device)
+    if projections is None:  # exact: the C basis vectors, no scale factor
+        v = torch.eye(classes, dtype=x.dtype, device=x.device).unsqueeze(1).expand(classes, batch, classes)
+        scale = 1.0 / batch
+    else:
+        _check_projections(projections, "vjp", shared_shape, classes)
+        v, scale = projections, classes / (projections.shape[0] * batch)
+    g = run.cotangent(tape, v, batch)  # [M, P, B, *input]
+    if target == "ensemble":
+        g = g.mean(0, keepdim=True)
+    return logits, scale * g.pow(2).flatten(1).sum(dim=1)
+
+
+def _reference_penalty(model, x, mode, nproj, target, projections, per_member, shared_shape, generator):
+    """Members as functions, one at a time (the generic path and mode='exact')."""
+    if isinstance(model, Ensemble):
+        functions = [model.member_function(index) for index in range(model.num_members)]
+    else:
+        functions = [model]
+    inputs = [x[index] for index in range(len(functions))] if per_member else [x] * len(functions)
+    if target == "ensemble":
+        functions, inputs = [reference.ensemble_model(functions)], [x]
+    if mode != "exact" and projections is None:
+        classes = functions[0](inputs[0][:1]).shape[-1] if mode == "vjp" else 0
+        projections = make_projections(mode, nproj, shared_shape, classes, generator=generator, dtype=x.dtype,
+                                       device=x.device)
+    penalties = []
+    for f, member_x in zip(functions, inputs):
+        if mode == "exact":
+            penalties.append(reference.penalty_exact(f, member_x))
+        elif mode == "jvp":
+            _check_projections(projections, "jvp", shared_shape, None)
+            penalties.append(reference.penalty_jvp(f, member_x, projections))
+        else:
+            if projections is not None:
+                _check_projections(projections, "vjp", shared_shape, None)
+            penalties.append(reference.penalty_vjp(f, member_x, projections))
+    if isinstance(model, Ensemble):
+        logits = model.member_logits(x, per_member=per_member)
+    else:
+        logits = model(x).unsqueeze(0)
+    return logits, torch.stack(penalties)
+
+
+def jacobian_penalty(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mode: str = "vjp",
+                     target: str = "members", projections: torch.Tensor | None = None,
+                     backend: str | None = None, per_member: bool = False, generator=None) -> torch.Tensor:
+    """Estimate of the batch mean of ||J(x_b)||_F^2, differentiable w.r.t. the parameters.
+
+    Args:
+        model: an ``Ensemble`` or a single ``nn.Module`` mapping [B, *input] -> logits [B, C].
+        x: inputs [B, *input] (or [M, B, *input] with ``per_member``, members target only).
+        nproj: projections per sample (>= 1); -1 = exact from the C basis vectors (mode="vjp").
+        mode: "vjp" (Hoffman's output-space estimator), "jvp" (input-space), or "exact" (jacrev).
+        target: "members" -> one estimate per member [M]; "ensemble" -> scalar, J_ens = mean_m J_m.
+        projections: v [nproj, B, C] with unit rows (vjp) or u [nproj, B, *input] (jvp) to use instead of
+            random draws (the same for every member).
+        backend: a name from ``fastjac.backends.available()``; None = the automatic choice.
+        generator: a torch.Generator for the random projections.
+    Returns: a scalar (single module, or target="ensemble"), or [M] (Ensemble, target="members").
+    """
+    return penalty_and_logits(model, x, nproj=nproj, mode=mode, target=target, projections=projections,
+                              backend=backend, per_member=per_member, generator=generator)[1]
+
+
+class JacobianReg(nn.Module):
+    """Drop-in criterion with Hoffman et al.'s semantics: ``forward(x, y) = (1/2) * estimate``.
+
+    ``y`` is the model output [B, C] computed from ``x`` (which must require grad); ``n`` projections
+    per sample, n = -1 for the exact value. Differentiable by double backprop, like the original.
+    """
+
+    def __init__(self, n: int = 1):
+        super().__init__()
+        check_nproj(n, "vjp")
+        self.n = n
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:
+            raise ValueError("JacobianReg: x must require grad and y must be computed from it")
+        if y.dim() != 2 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"JacobianReg: y must be [B={x.shape[0]}, C], got {tuple(y.shape)}")
+        v = None if self.n == -1 else reference.sphere_projections(self.n, *y.shape, dtype=y.dtype, device=y.device)
+        return 0.5 * reference.penalty_vjp_outputs(x, y, v)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}"

@@ -1,0 +1,110 @@
+"""SGD-UAP over K universal perturbations at once, with the model's parameters frozen.
+
+Per data batch, the K x B perturbed inputs clamp(x + delta_k, 0, 1) go through the (stacked) model in
+one pass; the only gradient formed is w.r.t. delta; each perturbation takes its own step
+(eps_k * step_decay) and projection onto ||delta_k||_inf <= eps_k. Perturbation k equals what
+``fastjac.reference.sgd_uap`` produces alone for eps_k / target_k on the same batches.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastjac import backends, engine
+from fastjac._checks import check_eps, check_inputs, check_labels
+from fastjac.ensemble import fused_view
+from fastjac.ops import uap_step
+
+
+@dataclass
+class UAPResult:
+    delta: torch.Tensor                 # [K, *input], ||delta_k||_inf <= eps_k
+    eps: list
+    targets: list                       # None (untargeted) or a class, per perturbation
+    losses: list = field(default_factory=list)  # per batch: [K] attack losses (negated CE when targeted)
+    seconds: float = 0.0
+
+
+def frozen_logits(model: nn.Module, backend: str | None = None):
+    """f(x [N, *input]) -> output [N, C] (an Ensemble: mean logits) with the parameters detached, so a
+    backward pass forms input gradients only."""
+    view = fused_view(model)
+    if view is None:  # generic path: autograd.grad w.r.t. delta alone skips ATen's weight gradients
+        return model
+    layers, params = view
+    params = {name: p.detach() for name, p in params.items()}
+    run = engine.Engine(layers, params, backends.resolve(backend, next(iter(params.values())).device.type))
+    return lambda x: run.forward(x)[0].mean(0)
+
+
+def _broadcast(eps: list, target) -> tuple[list, list]:
+    targets = list(target) if isinstance(target, (list, tuple)) else [target]
+    if len(eps) == 1 and len(targets) > 1:
+        eps = eps * len(targets)
+    if len(targets) == 1 and len(eps) > 1:
+        targets = targets * len(eps)
+    if len(eps) != len(targets):
+        raise ValueError(f"eps ({len(eps)} values) and target ({len(targets)} values) must have one length, or one of them a single value")
+    for value in targets:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"target must be None or a class index >= 0, got {value!r}")
+    return eps, targets
+
+
+def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 12.0, step_decay: float = 0.8,
+            target=None, backend: str | None = None, progress: bool = False) -> UAPResult:
+    """Fit K = len(eps) (or len(target)) universal perturbations at once.
+
+    Args:
+        model: an nn.Module or an Ensemble (attacked through its mean logits); never modified.
+        batches: a re-iterable of (x [B,*input] in [0,1], y [B]) pairs, e.g. a DataLoader or a list.
+        eps: a float or a list of floats in (0, 1]: the L-inf radius of each perturbation.
+        target: None (untargeted), a class index, or a list (None entries allowed) broadcast with eps.
+        beta: CE clamp; step_decay: step = eps * step_decay.
+    Returns a UAPResult: ``delta`` [K, *input] and the per-batch losses.
+    """
+    eps, targets = _broadcast(check_eps(eps), target)
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    if not beta > 0 or not 0 < step_decay:
+        raise ValueError(f"beta and step_decay must be > 0, got beta={beta!r}, step_decay={step_decay!r}")
+    was_training = model.training
+    model.eval()
+    f = frozen_logits(model, backend)
+    any_param = next(model.parameters())
+    name = backends.resolve(backend, any_param.device.type)
+    delta, result, started = None, None, time.perf_counter()
+    try:
+        for epoch in range(epochs):
+            for x, y in tqdm(batches, desc=f"SGD-UAP epoch {epoch + 1}/{epochs}", disable=not progress, leave=False):
+                check_inputs(x, "batch x")
+                check_labels(y, x.shape[0], None, "batch y")
+                if delta is None:
+                    delta = x.new_zeros(len(eps), *x.shape[1:])
+                    eps_t = torch.tensor(eps, dtype=x.dtype, device=x.device)
+                    step_t = eps_t * step_decay
+                    result = UAPResult(delta, eps, targets)
+                    # a targeted attack descends the CE toward its class: the loss is negated
+                    signs = torch.tensor([1.0 if t is None else -1.0 for t in targets], dtype=x.dtype, device=x.device)
+                if x.shape[1:] != delta.shape[1:]:
+                    raise ValueError(f"batch x has sample shape {tuple(x.shape[1:])}, the first batch had {tuple(delta.shape[1:])}")
+                labels = torch.stack([y if t is None else torch.full_like(y, t) for t in targets])  # [K, B]
+                trial = delta.detach().requires_grad_(True)
+                perturbed = uap_step.perturb(x, trial, name)  # [K, B, *input]
+                logits = f(perturbed.flatten(0, 1))
+                ce = F.cross_entropy(logits, labels.flatten(), reduction="none").view(len(eps), -1)
+                losses = signs * ce.clamp(max=beta).mean(dim=1)  # [K]: each delta_k only sees its own term
+                (grad,) = torch.autograd.grad(losses.sum(), trial)
+                delta = uap_step.sign_step(delta, grad, step_t, eps_t, name)
+                result.losses.append(losses.detach().tolist())
+    finally:
+        model.train(was_training)
+    if delta is None:
+        raise ValueError("batches yielded no data")
+    result.delta, result.seconds = delta, time.perf_counter() - started
+    return result

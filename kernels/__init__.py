@@ -1,0 +1,1 @@
+"""Triton kernels, one module per fused op, mirroring fastjac/ops (installed as fastjac.kernels)."""

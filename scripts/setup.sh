@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Set up fastjac in .venv/ (idempotent; a re-run takes seconds):
+#   torch==2.13.0 (the CPU build on this machine's disk: never an unpinned torch, which would pull a
+#   multi-GB CUDA build), the Python dependencies, the C++ extension (rebuilt only when csrc/ or
+#   setup.py changed), and Debian's dataset-fashion-mnist when the data is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv/"
+    "$PYTHON" -m venv .venv
+fi
+echo "setup: Python packages"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    torch==2.13.0 numpy triton pytest pytest-benchmark tqdm matplotlib
+
+# Build against the installed torch (no build isolation: an isolated build would fetch its own torch).
+stamp=.venv/.fastjac-build-stamp
+digest=$(cat setup.py pyproject.toml csrc/* | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] || ! .venv/bin/python -c "import fastjac" 2>/dev/null; then
+    echo "setup: building fastjac and its C++ extension (a minute or two)"
+    MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+        --no-build-isolation --no-deps -e .
+    echo "$digest" > "$stamp"
+fi
+if .venv/bin/python -c "import fastjac._C" 2>/dev/null; then
+    echo "setup: C++ extension ok"
+else
+    echo "setup: WARNING: the C++ extension did not build; the 'cpp' backend is unavailable (see the build log above)"
+fi
+
+# Real data, offline: Debian's package, unless FASTJAC_DATA points elsewhere.
+fmnist=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ -z "${FASTJAC_DATA:-}" ] && [ ! -f "$fmnist" ]; then
+    echo "setup: installing Debian's dataset-fashion-mnist"
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then
+        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    else
+        echo "setup: ERROR: Fashion-MNIST is missing and apt-get cannot run here." >&2
+        echo "       Install Debian's dataset-fashion-mnist, or set FASTJAC_DATA to a directory with the IDX files." >&2
+        exit 1
+    fi
+fi
+echo "setup: done"
