@@ -38,7 +38,9 @@ __host__ __device__ __forceinline__ uint4 philox4x32_10(uint64_t block, uint64_t
   uint4 ctr = make_uint4(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
                          static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32));
   uint2 key = make_uint2(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+#ifdef __CUDA_ARCH__
 #pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
     ctr = philox_round(ctr, key);
     key.x += kPhiloxW0;

@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=None, help="train on a random subset of this many images")
     p.add_argument("--out", required=True, help="model file to write (training resumes from OUT.ckpt)")
     _add_data(p)
     _add_backend(p)
@@ -72,13 +73,15 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(args) -> dict:
     from fastjac import _io, data, models
     from fastjac.ensemble import Ensemble
+    from fastjac.experiments import subset
     from fastjac.metrics import evaluate
     from fastjac.train import train
 
     torch.manual_seed(args.seed)
     model = Ensemble([models.build(args.arch) for _ in range(args.members)]) if args.members else models.build(args.arch)
     lam = args.jr_lambda[0] if len(args.jr_lambda) == 1 else args.jr_lambda
-    result = train(model, data.load(args.dataset, "train", args.data_root), epochs=args.epochs,
+    train_data = subset(*data.load(args.dataset, "train", args.data_root), args.samples, args.seed)
+    result = train(model, train_data, epochs=args.epochs,
                    batch_size=args.batch_size, lr=args.lr, jr_lambda=lam, jr_target=args.jr_target,
                    jr_mode=args.jr_mode, nproj=args.nproj, seed=args.seed, member_data=args.member_data,
                    checkpoint=args.out + ".ckpt", progress=True, backend=args.backend)
@@ -90,12 +93,12 @@ def _cmd_train(args) -> dict:
 
 def _cmd_attack(args) -> dict:
     from fastjac import _io, data
-    from fastjac.experiments import _save_uap_image, _subset
+    from fastjac.experiments import save_uap_image, subset
     from fastjac.metrics import evaluate
     from fastjac.uap import sgd_uap
 
     model, _ = _io.load_model(args.model)
-    x, y = _subset(*data.load(args.dataset, "train", args.data_root), args.samples, 1)
+    x, y = subset(*data.load(args.dataset, "train", args.data_root), args.samples, 1)
     batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size]) for i in range(0, x.shape[0], args.batch_size)]
     result = sgd_uap(model, batches, eps=args.eps, epochs=args.epochs, target=args.target, progress=True,
                      backend=args.backend)
@@ -103,7 +106,7 @@ def _cmd_attack(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"delta": result.delta, "eps": result.eps, "targets": result.targets}, out / "uap.pt")
     for k, (delta, eps) in enumerate(zip(result.delta, result.eps)):
-        _save_uap_image(delta.unsqueeze(0), [eps], out / f"uap_{k}_eps{eps:g}.png", f"{Path(args.model).name}")
+        save_uap_image(delta.unsqueeze(0), [eps], out / f"uap_{k}_eps{eps:g}.png", f"{Path(args.model).name}")
     metrics = evaluate(model, *data.load(args.dataset, "test", args.data_root), result.delta, backend=args.backend)
     report = {"model": args.model, "eps": result.eps, "targets": result.targets, "attack_seconds": result.seconds,
               **metrics}

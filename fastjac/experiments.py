@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +30,8 @@ from fastjac.uap import sgd_uap
 class Preset:
     epochs: int
     members: int
-    lambdas: tuple                 # the JR single-model grid; Jacobian Ensembles use ``je_lambda``
-    je_lambda: float
+    lambdas: tuple                 # the JR single-model grid
+    je_lambdas: tuple              # uniform-lambda Jacobian Ensembles; mixed and ensemble-target use the last
     eps: tuple
     seeds: tuple
     train_samples: int | None      # None = the whole training split
@@ -41,11 +42,11 @@ class Preset:
 
 
 PRESETS = {
-    "smoke": Preset(epochs=1, members=3, lambdas=(0.1,), je_lambda=0.1, eps=(0.1,), seeds=(0,),
+    "smoke": Preset(epochs=1, members=3, lambdas=(0.1,), je_lambdas=(0.1,), eps=(0.1,), seeds=(0,),
                     train_samples=3000, test_samples=2000, uap_samples=1000, uap_epochs=2),
-    "quick": Preset(epochs=3, members=5, lambdas=(0.05, 0.2, 1.0), je_lambda=0.2, eps=(0.05, 0.1, 0.15), seeds=(0,),
+    "quick": Preset(epochs=3, members=5, lambdas=(0.05, 0.2, 1.0), je_lambdas=(0.2,), eps=(0.05, 0.1, 0.15), seeds=(0,),
                     train_samples=None, test_samples=None, uap_samples=10000, uap_epochs=5),
-    "full": Preset(epochs=8, members=5, lambdas=(0.02, 0.05, 0.2, 1.0), je_lambda=0.2, eps=(0.05, 0.1, 0.15),
+    "full": Preset(epochs=8, members=5, lambdas=(0.02, 0.05, 0.2, 1.0), je_lambdas=(0.05, 0.2), eps=(0.05, 0.1, 0.15),
                    seeds=(0, 1, 2), train_samples=None, test_samples=None, uap_samples=20000, uap_epochs=10),
 }
 
@@ -60,14 +61,14 @@ class Configuration:
 
 
 def configurations(preset: Preset) -> list[Configuration]:
-    m, lam = preset.members, preset.je_lambda
+    m, lam = preset.members, preset.je_lambdas[-1]
     unregularized = m // 2  # mixed: the first ceil(M/2) members regularized, the rest plain
     mixed = [lam] * (m - unregularized) + [0.0] * unregularized
     return [
         Configuration("baseline", "baseline", 0, 0.0),
         *[Configuration(f"jr-{value:g}", "jr", 0, value) for value in preset.lambdas],
         Configuration(f"ensemble-m{m}", "ensemble", m, 0.0),
-        Configuration(f"je-members-m{m}-{lam:g}", "jacobian-ensemble", m, lam),
+        *[Configuration(f"je-members-m{m}-{value:g}", "jacobian-ensemble", m, value) for value in preset.je_lambdas],
         Configuration(f"je-mixed-m{m}-{lam:g}x{m - unregularized}", "jacobian-ensemble", m, mixed),
         Configuration(f"je-ensemble-m{m}-{lam:g}", "jacobian-ensemble", m, lam, "ensemble"),
     ]
@@ -88,7 +89,8 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _subset(x, y, count, seed):
+def subset(x, y, count, seed):
+    """A seeded random subset of ``count`` samples (all of them when count is None or too large)."""
     if count is None or count >= x.shape[0]:
         return x, y
     index = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
@@ -107,14 +109,14 @@ def _run_one(config: Configuration, seed: int, preset: Preset, arch: str, train_
     train_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    x_fit, y_fit = _subset(*train_data, preset.uap_samples, seed + 1)
+    x_fit, y_fit = subset(*train_data, preset.uap_samples, seed + 1)
     batches = [(x_fit[i:i + preset.batch_size], y_fit[i:i + preset.batch_size])
                for i in range(0, x_fit.shape[0], preset.batch_size)]
     attack = sgd_uap(model, batches, eps=list(preset.eps), epochs=preset.uap_epochs, progress=progress)
     attack_seconds = time.perf_counter() - started
     metrics = evaluate(model, *test_data, attack.delta)
     torch.save(attack.delta, out / "uaps" / f"{config.name}-seed{seed}.pt")
-    _save_uap_image(attack.delta, preset.eps, out / "uaps" / f"{config.name}-seed{seed}.png", config.name)
+    save_uap_image(attack.delta, preset.eps, out / "uaps" / f"{config.name}-seed{seed}.png", config.name)
     keyed = lambda values: {f"{e:g}": v for e, v in zip(preset.eps, values)}  # noqa: E731
     return {"name": config.name, "kind": config.kind, "members": max(config.members, 1), "jr_lambda": config.jr_lambda,
             "jr_target": config.jr_target, "seed": seed, "clean_accuracy": metrics["clean_accuracy"],
@@ -123,7 +125,7 @@ def _run_one(config: Configuration, seed: int, preset: Preset, arch: str, train_
             "attack_seconds": round(attack_seconds, 2)}
 
 
-def _save_uap_image(delta: torch.Tensor, eps, path: Path, title: str) -> None:
+def save_uap_image(delta: torch.Tensor, eps, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,28 +224,28 @@ def reproduce(*, dataset: str = "fashion-mnist", arch: str = "mlp", preset: str 
         results["rows"] = previous["rows"]
     done = {(row["name"], row["seed"]) for row in results["rows"]}
 
-    train_data = _subset(*data.load(dataset, "train", root), settings.train_samples, 0)
-    test_data = _subset(*data.load(dataset, "test", root), settings.test_samples, 0)
+    train_data = subset(*data.load(dataset, "train", root), settings.train_samples, 0)
+    test_data = subset(*data.load(dataset, "test", root), settings.test_samples, 0)
     jobs = [(c, s) for s in settings.seeds for c in configurations(settings)]
     for number, (config, seed) in enumerate(jobs, start=1):
         if (config.name, seed) in done:
             continue
         if progress:
-            print(f"[{number}/{len(jobs)}] {config.name} (seed {seed})", flush=True)
+            print(f"[{number}/{len(jobs)}] {config.name} (seed {seed})", file=sys.stderr, flush=True)
         row = _run_one(config, seed, settings, arch, train_data, test_data, out, progress)
         results["rows"].append(row)
         _write_text(results_path, json.dumps(results, indent=2))
         if progress:
             accuracies = ", ".join(f"ε={e}: {100 * a:.1f}%" for e, a in row["uap_accuracy"].items())
             print(f"    clean {100 * row['clean_accuracy']:.1f}%, UAP {accuracies} "
-                  f"(train {row['train_seconds']:.0f}s, attack {row['attack_seconds']:.0f}s)", flush=True)
+                  f"(train {row['train_seconds']:.0f}s, attack {row['attack_seconds']:.0f}s)", file=sys.stderr, flush=True)
     _write_text(results_path, json.dumps(results, indent=2))
     table = markdown_table(results["rows"], settings.eps)
     _write_text(out / "results.md", f"# fastjac reproduce: {dataset}, {arch}, preset {preset}\n\n{table}")
     plot_tradeoff(results["rows"], settings.eps, out / "tradeoff.png")
     if progress:
-        print(table)
-        print(f"results in {out}/: results.json, results.md, tradeoff.png, uaps/")
+        print(table, file=sys.stderr)
+        print(f"results in {out}/: results.json, results.md, tradeoff.png, uaps/", file=sys.stderr)
     return results
 
 

@@ -8,6 +8,7 @@ sum_m [CE(f_m) + lambda_m/2 * ||J_m||^2] (target "members") or CE(mean_m f_m) + 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,7 @@ def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: flo
                   for _ in range(members if member_data == "independent" else 1)]
         started, totals, steps = time.perf_counter(), torch.zeros(3, dtype=torch.float64), 0
         batches = range(0, x.shape[0], batch_size)
-        for offset in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False):
+        for offset in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False):
             index = torch.stack([order[offset:offset + batch_size] for order in orders])
             per_member = member_data == "independent"
             batch_x = x[index] if per_member else x[index[0]]
@@ -142,7 +143,7 @@ def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: flo
                                "seconds": time.perf_counter() - started})
         if progress:
             tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {loss_mean:.4f} ce {ce_mean:.4f} "
-                       f"penalty {penalty_mean:.4g} ({result.history[-1]['seconds']:.1f}s)")
+                       f"penalty {penalty_mean:.4g} ({result.history[-1]['seconds']:.1f}s)", file=sys.stderr)
         if checkpoint is not None:
             _io.atomic_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "config": config, "history": result.history}, checkpoint)

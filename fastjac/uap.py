@@ -81,7 +81,7 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
     delta, result, started = None, None, time.perf_counter()
     try:
         for epoch in range(epochs):
-            for x, y in tqdm(batches, desc=f"SGD-UAP epoch {epoch + 1}/{epochs}", disable=not progress, leave=False):
+            for x, y in tqdm(batches, desc=f"SGD-UAP epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False):
                 check_inputs(x, "batch x")
                 check_labels(y, x.shape[0], None, "batch y")
                 if delta is None:

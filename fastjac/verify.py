@@ -22,6 +22,7 @@ def _gradients(loss, tensors):
 
 
 def _relative_error(actual, expected) -> float:
+    actual, expected = actual.detach(), expected.detach()
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 

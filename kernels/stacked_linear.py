@@ -67,6 +67,16 @@ def check_device(*tensors) -> None:
 
 # ----------------------------------------------------------------------------------------------- forward
 
+MAX_TILE_ROWS = 256  # SLOTS * BLOCK_B: the [rows, BLOCK_N] accumulator lives in registers
+
+
+def prune_forward_configs(configs, named_args, **kwargs):
+    """Autotune pruning: drop configs whose row tile (SLOTS * BLOCK_B) exceeds MAX_TILE_ROWS."""
+    slots = kwargs.get("SLOTS", named_args.get("SLOTS", 1))
+    kept = [config for config in configs if slots * config.kwargs["BLOCK_B"] <= MAX_TILE_ROWS]
+    return kept or [min(configs, key=lambda config: config.kwargs["BLOCK_B"])]
+
+
 @triton.autotune(
     configs=configs(
         gpu=[
@@ -79,6 +89,7 @@ def check_device(*tensors) -> None:
         interpreted={"BLOCK_B": 16, "BLOCK_N": 16, "BLOCK_K": 16},
     ),
     key=["B", "OUT", "IN", "SLOTS", "PERTURB"],
+    prune_configs_by={"early_config_prune": prune_forward_configs},
 )
 @triton.jit
 def _linear_fwd_kernel(

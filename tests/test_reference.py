@@ -20,6 +20,15 @@ RTOL64 = 1e-10  # see the module docstring
 CLASSES = 4
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors on a shared 2-core machine: intra-op threads only spin against other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_mlp(seed=0, in_features=12, hidden=(9, 7), classes=CLASSES):
     """An odd-width float64 MLP whose ReLUs are not all dead on rand inputs (checked by the callers'
     nonzero-exact-value asserts)."""

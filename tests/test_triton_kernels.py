@@ -110,6 +110,15 @@ def test_stacked_linear_stream_groups_and_partial_tiles(monkeypatch, shared):
     _check_linear(17, 18, 17, 2, 4, True, True, shared)
 
 
+def test_forward_autotune_pruning_bounds_the_row_tile():
+    import triton
+
+    configs = [triton.Config({"BLOCK_B": b, "BLOCK_N": 64, "BLOCK_K": 32}) for b in (16, 32, 64)]
+    assert [c.kwargs["BLOCK_B"] for c in k_linear.prune_forward_configs(configs, {}, SLOTS=8)] == [16, 32]
+    assert [c.kwargs["BLOCK_B"] for c in k_linear.prune_forward_configs(configs, {}, SLOTS=1)] == [16, 32, 64]
+    assert [c.kwargs["BLOCK_B"] for c in k_linear.prune_forward_configs(configs, {}, SLOTS=64)] == [16]
+
+
 def test_stacked_linear_triton_gradcheck_float64():
     x, weight, bias = _linear_case(2, 3, 2, 2, 2, True, True, dtype=torch.float64)
     x2 = randn(2, 4, 3, dtype=torch.float64)
@@ -245,8 +254,18 @@ def test_perturbed_linear_larger_tiles():
                  name="grad_delta", **tol(17 * 2 * 17))
 
 
+def test_perturbed_linear_backward_bounds_inclusive():
+    """Sums exactly on 0 or 1 pass the gradient through the fused clamp; a clamped one does not."""
+    x = torch.tensor([[0.0, 1.0, 0.5, 0.25]], device=DEVICE)
+    delta = torch.tensor([[0.0, 0.0, 0.75, -0.25]], device=DEVICE)
+    weight, grad_out = torch.ones(1, 1, 4, device=DEVICE), torch.ones(1, 1, 1, device=DEVICE)
+    expected = torch.tensor([[1.0, 1.0, 0.0, 1.0]], device=DEVICE)
+    assert torch.equal(k_uap.perturbed_linear_backward(grad_out, x, delta, weight, None), expected)
+    assert torch.equal(ops_uap.perturbed_linear_backward(grad_out, x, delta, weight, None), expected)
+
+
 def test_perturbed_linear_triton_gradcheck_float64():
-    x, delta = _away_from_kinks((2, 4), (3, 4), dtype=torch.float64)
+    x, delta = _away_from_kinks((2, 2, 2), (3, 2, 2), dtype=torch.float64)  # [B, *in] inputs, IN = 4
     weight, bias = randn(2, 3, 4, dtype=torch.float64), randn(2, 3, dtype=torch.float64)
     for relu in (True, False):
         assert torch.autograd.gradcheck(

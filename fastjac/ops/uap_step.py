@@ -53,7 +53,13 @@ def launchers(backend: str):
     if backend == "cuda":
         from fastjac import _C
 
-        return perturb_forward, perturb_backward, _C.uap_step
+        def cuda_uap_step(delta, grad, step, eps):
+            # the CUDA kernel is float32-only; other dtypes take the (equivalent) ATen path
+            if delta.dtype != torch.float32:
+                return uap_step(delta, grad, step, eps)
+            return _C.uap_step(delta, grad, step.to(delta.dtype), eps.to(delta.dtype))
+
+        return perturb_forward, perturb_backward, cuda_uap_step
     raise ValueError(f"uap_step: unknown backend {backend!r}")
 
 

@@ -1,0 +1,122 @@
+"""Ensemble construction errors and the backend choice (fastjac.backends): messages that explain themselves."""
+import pytest
+import torch
+from torch import nn
+
+import fastjac
+from fastjac import Ensemble, backends, models
+
+
+def test_empty_member_list_raises():
+    with pytest.raises(ValueError, match="at least one member"):
+        Ensemble([])
+
+
+def test_members_with_different_widths_raise():
+    with pytest.raises(ValueError, match="differ in parameters"):
+        Ensemble([models.mlp(hidden=(7,)), models.mlp(hidden=(8,))])
+
+
+def test_members_with_different_layer_types_raise():
+    tanh = nn.Sequential(nn.Flatten(), nn.Linear(784, 7), nn.Tanh(), nn.Linear(7, 10))
+    with pytest.raises(ValueError, match="differ in architecture"):
+        Ensemble([models.mlp(hidden=(7,)), tanh])
+
+
+def test_members_with_different_depths_raise():
+    with pytest.raises(ValueError, match="differ in architecture"):
+        Ensemble([models.mlp(hidden=(7,)), models.mlp(hidden=(7, 7))])
+
+
+def test_members_with_different_layer_settings_raise():
+    """Same parameter shapes, different conv stride: only the layer settings tell them apart."""
+    a = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))
+    b = nn.Sequential(nn.Conv2d(1, 2, 3, dilation=1, stride=1, padding=0), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))
+    Ensemble([a, b])  # identical settings written differently are fine
+    c = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, stride=2), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))
+    with pytest.raises(ValueError, match="layer settings"):
+        Ensemble([a, c])
+
+
+def test_members_with_different_dtypes_raise():
+    with pytest.raises(ValueError, match="differ in parameters"):
+        Ensemble([models.mlp(hidden=(7,)), models.mlp(hidden=(7,)).double()])
+
+
+@pytest.mark.parametrize("position", [0, 1])
+def test_non_module_member_raises(position):
+    members = [models.mlp(hidden=(7,)), models.mlp(hidden=(7,))]
+    members[position] = lambda x: x  # a callable, but not an nn.Module
+    with pytest.raises(TypeError, match=f"member {position} is a function, not an nn.Module"):
+        Ensemble(members)
+
+
+def test_ensemble_accepts_any_iterable_and_does_not_alias_members():
+    members = [models.mlp(hidden=(7,)) for _ in range(2)]
+    ensemble = Ensemble(iter(members))
+    assert ensemble.num_members == 2
+    with torch.no_grad():
+        members[0][1].weight.add_(1.0)
+    assert not torch.equal(ensemble.params()["1.weight"][0], members[0][1].weight)
+
+
+# ------------------------------------------------------------------------------------------- backends
+def test_use_unknown_backend_raises_and_keeps_choice():
+    before = backends.current()
+    with pytest.raises(backends.BackendUnavailable, match="unknown backend 'nonexistent'"):
+        backends.use("nonexistent")
+    assert backends.current() == before
+
+
+def test_use_named_backend_then_reset():
+    try:
+        backends.use("torch")
+        assert backends.current() == "torch"
+        assert backends.current("cuda") == "torch"
+        ensemble = Ensemble([models.mlp(hidden=(7,)) for _ in range(2)])
+        assert ensemble.engine().backend == "torch"
+    finally:
+        backends.use(None)
+
+
+def test_resolve_named_backend_that_cannot_run_raises():
+    with pytest.raises(backends.BackendUnavailable, match="nonexistent"):
+        backends.resolve("nonexistent")
+    ensemble = Ensemble([models.mlp(hidden=(7,)) for _ in range(2)])
+    with pytest.raises(backends.BackendUnavailable):
+        ensemble.member_logits(torch.rand(2, 1, 28, 28), backend="nonexistent")
+
+
+def test_env_var_forces_torch(monkeypatch):
+    # _why_unavailable is cached per name, but current() reads FASTJAC_BACKEND on every call
+    monkeypatch.setenv("FASTJAC_BACKEND", "torch")
+    assert backends.current() == "torch"
+    assert backends.resolve(None) == "torch"
+    ensemble = Ensemble([models.mlp(hidden=(7,)) for _ in range(2)])
+    assert ensemble.engine().backend == "torch"
+    monkeypatch.delenv("FASTJAC_BACKEND")
+    automatic = backends.current()
+    assert automatic in backends.available()
+    assert automatic == next(name for name in backends.AUTO_ORDER["cpu"] if name in backends.available())
+
+
+def test_env_var_naming_unknown_backend_fails_loudly(monkeypatch):
+    monkeypatch.setenv("FASTJAC_BACKEND", "nonexistent")
+    with pytest.raises(backends.BackendUnavailable, match="nonexistent"):
+        backends.current()
+
+
+def test_explicit_use_overrides_env_var(monkeypatch):
+    monkeypatch.setenv("FASTJAC_BACKEND", "nonexistent")
+    try:
+        backends.use("torch")
+        assert backends.current() == "torch"
+    finally:
+        backends.use(None)
+
+
+def test_available_lists_torch_first_and_only_known_names():
+    names = backends.available()
+    assert names[0] == "torch"
+    assert set(names) <= set(backends.NAMES)
+    assert fastjac.backends is backends

@@ -1,0 +1,185 @@
+"""fastjac.sgd_uap (K perturbations at once, stacked engine, frozen parameters) against
+fastjac.reference.sgd_uap run once per perturbation, on real Fashion-MNIST images."""
+import copy
+
+import pytest
+import torch
+
+import fastjac
+from fastjac import Ensemble, models, reference, sgd_uap
+
+F64 = torch.float64
+EPS = [0.05, 0.1, 0.2]
+TARGETS = [None, 3, None]
+STEP_DECAY = 0.8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only spin against other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    x, y = fastjac.data.load("fashion-mnist", "train")
+    x_test, y_test = fastjac.data.load("fashion-mnist", "test")
+    return x, y, x_test, y_test
+
+
+@pytest.fixture(scope="module")
+def batches64(fashion):
+    """4 batches of 16 real images, float64."""
+    x, y = fashion[0][:64].double(), fashion[1][:64]
+    return [(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]) for i in range(4)]
+
+
+def make_members(arch, count=3):
+    torch.manual_seed(0)
+    build = (lambda: models.mlp(hidden=(13, 7))) if arch == "mlp" else (lambda: models.lenet(channels=(3, 4), hidden=(6,)))
+    return [build().double() for _ in range(count)]
+
+
+def assert_matches_reference(delta, reference_delta, eps, name):
+    """Exactly equal except where the reference's batch gradient is within rounding of zero.
+
+    Both runs take sign(gradient) of the same float64 quantity computed with sums in another order
+    (stacked members and K perturbations in one pass vs one member at a time). Where |gradient| is at
+    rounding level its sign can flip, moving that coordinate by 2*step once (+step vs -step); the next
+    clamp to [-eps, eps] keeps later steps from widening it in practice. Such coordinates are rare: at
+    least 99.9% of the elements must be bit-identical, and none may differ by more than 2*step.
+    """
+    step = eps * STEP_DECAY
+    equal = (delta == reference_delta).double().mean().item()
+    assert equal >= 0.999, f"{name}: only {equal:.4%} of elements equal the reference"
+    worst = (delta - reference_delta).abs().max().item()
+    assert worst <= 2 * step + 1e-12, f"{name}: max |diff| {worst} > 2*step {2 * step}"
+
+
+# ------------------------------------------------------------------------------------ vs the reference
+@pytest.mark.parametrize("arch", ["mlp", "lenet"])
+def test_k_perturbations_match_reference_one_at_a_time(batches64, arch):
+    members = make_members(arch)
+    ensemble = Ensemble(copy.deepcopy(members))
+    result = sgd_uap(ensemble, batches64, eps=EPS, target=TARGETS, epochs=4)
+    assert result.delta.shape == (3, 1, 28, 28) and result.delta.dtype == F64
+    assert result.eps == EPS and result.targets == TARGETS
+    assert len(result.losses) == 4 * len(batches64) and all(len(row) == 3 for row in result.losses)
+    f = reference.ensemble_model(members)
+    for k, (eps, target) in enumerate(zip(EPS, TARGETS)):
+        expected, losses = reference.sgd_uap(f, batches64, eps, epochs=4, target=target)
+        assert result.delta[k].abs().max().item() <= eps
+        assert_matches_reference(result.delta[k], expected, eps, f"{arch} delta[{k}]")
+        # the first batch's loss comes from delta = 0 in both: identical inputs, same float64 value
+        assert result.losses[0][k] == pytest.approx(losses[0], rel=1e-12, abs=1e-12)
+
+
+def test_single_module_matches_reference(batches64):
+    (module,) = make_members("mlp", 1)
+    result = sgd_uap(module, batches64, eps=0.1, epochs=3)
+    assert result.delta.shape == (1, 1, 28, 28)
+    expected, _ = reference.sgd_uap(module, batches64, 0.1, epochs=3)
+    assert_matches_reference(result.delta[0], expected, 0.1, "single module")
+
+
+def test_scalar_target_broadcasts_over_eps(batches64):
+    (module,) = make_members("mlp", 1)
+    result = sgd_uap(module, batches64, eps=[0.05, 0.1], target=3, epochs=2)
+    assert result.targets == [3, 3]
+    for k, eps in enumerate([0.05, 0.1]):
+        expected, _ = reference.sgd_uap(module, batches64, eps, epochs=2, target=3)
+        assert_matches_reference(result.delta[k], expected, eps, f"target 3, eps {eps}")
+
+
+def test_infinity_norm_bound_and_dataloader_input(fashion):
+    """A DataLoader is a re-iterable of (x, y): the same order gives the same result."""
+    x, y = fashion[0][:96], fashion[1][:96]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=False)
+    torch.manual_seed(0)
+    ensemble = Ensemble([models.mlp(hidden=(13,)) for _ in range(2)])
+    first = sgd_uap(ensemble, loader, eps=EPS, epochs=2)
+    second = sgd_uap(ensemble, loader, eps=EPS, epochs=2)
+    assert torch.equal(first.delta, second.delta)
+    for k, eps in enumerate(EPS):
+        # compared in float32: the clamp bound the attack uses is float32(eps)
+        assert first.delta[k].abs().max() <= torch.tensor(eps, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------ frozen parameters
+@pytest.mark.parametrize("arch", ["mlp", "lenet"])
+def test_attack_leaves_parameters_and_grads_alone(batches64, arch):
+    ensemble = Ensemble(make_members(arch)).train()
+    before = {name: p.detach().clone() for name, p in ensemble.named_parameters()}
+    sgd_uap(ensemble, batches64, eps=0.1, epochs=1)
+    for name, p in ensemble.named_parameters():
+        assert p.grad is None, f"{name} got a gradient"
+        assert torch.equal(p, before[name]), f"{name} changed"
+    assert ensemble.training, "the model's train/eval mode is restored"
+
+    (module,) = make_members(arch, 1)
+    sgd_uap(module, batches64, eps=0.1, epochs=1)
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_existing_grads_are_not_accumulated(batches64):
+    ensemble = Ensemble(make_members("mlp"))
+    for p in ensemble.parameters():
+        p.grad = torch.ones_like(p)
+    sgd_uap(ensemble, batches64, eps=0.1, epochs=1)
+    for p in ensemble.parameters():
+        assert torch.equal(p.grad, torch.ones_like(p))
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize("eps", [0, 0.0, 1.5, float("nan"), float("inf"), -0.1, [], [0.1, 0.0]])
+def test_bad_eps_raises(batches64, eps):
+    (module,) = make_members("mlp", 1)
+    with pytest.raises(ValueError, match="eps must be"):
+        sgd_uap(module, batches64, eps=eps)
+
+
+def test_nan_in_batch_raises(batches64):
+    (module,) = make_members("mlp", 1)
+    x, y = batches64[1]
+    x = x.clone()
+    x[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="batch x contains NaN"):
+        sgd_uap(module, [batches64[0], (x, y)], eps=0.1, epochs=1)
+
+
+def test_empty_batches_raise(batches64):
+    (module,) = make_members("mlp", 1)
+    with pytest.raises(ValueError, match="no data"):
+        sgd_uap(module, [], eps=0.1)
+    empty = (batches64[0][0][:0], batches64[0][1][:0])
+    with pytest.raises(ValueError, match="non-empty batch"):
+        sgd_uap(module, [empty], eps=0.1)
+
+
+def test_mismatched_batch_shapes_and_labels_raise(batches64):
+    (module,) = make_members("mlp", 1)
+    x, y = batches64[0]
+    with pytest.raises(ValueError, match="sample shape"):
+        sgd_uap(module, [(x, y), (x[:, :, :27, :27], y)], eps=0.1, epochs=1)
+    with pytest.raises(ValueError, match="must have shape"):
+        sgd_uap(module, [(x, y[:5])], eps=0.1, epochs=1)
+    with pytest.raises(ValueError, match="one length"):
+        sgd_uap(module, [(x, y)], eps=[0.1, 0.2], target=[None, 1, 2], epochs=1)
+
+
+# ------------------------------------------------------------------------------------------ acceptance
+def test_uap_lowers_accuracy_of_a_trained_model(fashion):
+    x, y, x_test, y_test = fashion
+    torch.manual_seed(0)
+    model = models.mlp(hidden=(64,))
+    fastjac.train(model, (x[:10000], y[:10000]), epochs=1, batch_size=128, lr=1e-3, progress=False)
+    attack = [(x[10000 + 100 * i:10100 + 100 * i], y[10000 + 100 * i:10100 + 100 * i]) for i in range(10)]
+    result = sgd_uap(model, attack, eps=0.1, epochs=3)
+    metrics = fastjac.evaluate(model, x_test[:1000], y_test[:1000], result.delta)
+    # 1 epoch on 10000 images reaches ~75-80% clean accuracy; an eps=0.1 universal perturbation (a tenth
+    # of the pixel range, everywhere) costs an undefended MLP well over 10 points
+    assert metrics["clean_accuracy"] > 0.65, metrics
+    assert metrics["uap_accuracy"][0] < metrics["clean_accuracy"] - 0.10, metrics
