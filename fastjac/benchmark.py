@@ -55,6 +55,7 @@ class Timing:
     iqr_s: float                      # interquartile range of the per-call times
     peak_mem_bytes: int | None        # see the module docstring (CUDA peak growth / CPU saved-activation bytes)
     runs: int = 0
+    cpu_median_s: float = math.nan    # median process CPU time per call (all threads; excludes time preempted)
 
 
 def _sync(device: str) -> None:
@@ -110,6 +111,7 @@ def measure_interleaved(fns: dict, *, warmup: int = 3, repeats: int = 20, min_ti
             fns[key]()
     _sync(device)
     times = {key: [] for key in keys}
+    cpu_times = {key: [] for key in keys}
     order, rng = list(keys), random.Random(0)
     started, rounds = time.perf_counter(), 0
     while True:
@@ -121,15 +123,17 @@ def measure_interleaved(fns: dict, *, warmup: int = 3, repeats: int = 20, min_ti
         rng.shuffle(order)
         for key in order:
             _sync(device)
-            tic = time.perf_counter()
+            tic, cpu_tic = time.perf_counter(), time.process_time()
             fns[key]()
             _sync(device)
             times[key].append(time.perf_counter() - tic)
+            cpu_times[key].append(time.process_time() - cpu_tic)
         rounds += 1
     result = {}
     for key in keys:
         median, iqr = _quartiles(times[key])
-        result[key] = Timing(median, iqr, memory_bytes(fns[key], device) if memory else None, len(times[key]))
+        result[key] = Timing(median, iqr, memory_bytes(fns[key], device) if memory else None, len(times[key]),
+                             statistics.median(cpu_times[key]))
     return result
 
 
@@ -142,12 +146,13 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20, min
 
 
 def gemm_peak_gflops(dtype: torch.dtype = torch.float32, *, n: int = 1024, repeats: int = 10,
-                     device: str = "cpu") -> float:
-    """The machine's practical peak: GFLOP/s of an n x n x n matmul (2 n^3 FLOPs), median of ``repeats``."""
+                     device: str = "cpu", clock: str = "wall") -> float:
+    """The machine's practical peak with torch's current thread count: GFLOP/s of an n x n x n matmul
+    (2 n^3 FLOPs), median of ``repeats`` (``clock``: "wall" or "cpu", process CPU time)."""
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     timing = measure(lambda: torch.mm(a, b), warmup=2, repeats=repeats, min_time=0.0, device=device, memory=False)
-    return 2 * n ** 3 / timing.median_s / 1e9
+    return 2 * n ** 3 / (timing.cpu_median_s if clock == "cpu" else timing.median_s) / 1e9
 
 
 # ============================================================================================= FLOPs
@@ -417,17 +422,25 @@ def bench_backends(device: str = "cpu") -> list[str]:
 
 
 # ============================================================================================= table
+CLOCKS = ("wall", "cpu")
+
+
 def run_table(quick: bool = False, archs: Sequence[str] = ARCHS, members: Sequence[int] = MEMBERS, file=None,
-              *, device: str = "cpu", peak_gflops: float | None = None) -> list[dict]:
+              *, device: str = "cpu", peak_gflops: float | None = None, clock: str = "wall") -> list[dict]:
     """Run every case of every (arch, M) group, each group timed interleaved -> one dict per case.
 
-    Row keys: name, arch, M, K, backend, median_ms, iqr_ms, mem_bytes, samples_per_s (images per second:
-    K*B / median for the UAP cases, B / median otherwise), gflops, pct_peak, anchor (the anchor's
-    name/backend), ratio (median / anchor's median), kind. ``file``: where progress lines go (None: quiet).
+    Row keys: name, kind, arch, M, K, backend, median_ms (wall clock), iqr_ms, cpu_ms (median process
+    CPU time), time_ms (the median of ``clock``: what images/s, GFLOP/s and ratios use), runs, mem_bytes,
+    samples_per_s (images per second: K*B / time for the UAP cases, B / time otherwise), gflops,
+    pct_peak, anchor (the anchor's name/backend), ratio (time / anchor's time), clock.
+    ``clock="cpu"`` suits a machine shared with other work when torch runs one thread: CPU time then
+    excludes the time the process waits for a core. ``file``: where progress lines go (None: quiet).
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     names = bench_backends(device)
     auto = backends.current(device)
-    peak = peak_gflops if peak_gflops is not None else gemm_peak_gflops(device=device)
+    peak = peak_gflops if peak_gflops is not None else gemm_peak_gflops(device=device, clock=clock)
     timing_options = dict(warmup=1, repeats=5, max_time=4.0) if quick else dict(warmup=3, repeats=20, max_time=12.0)
     rows: list[dict] = []
     for arch in archs:
@@ -439,21 +452,23 @@ def run_table(quick: bool = False, archs: Sequence[str] = ARCHS, members: Sequen
             if file is not None:
                 print(f"[bench] {arch} M={m}: {len(specs)} cases in {time.perf_counter() - started:.1f}s", file=file,
                       flush=True)
+            def seconds(timing: Timing) -> float:
+                return timing.cpu_median_s if clock == "cpu" else timing.median_s
+
             for spec in specs:
                 timing = timings[spec.key]
                 reference_spec = anchor(spec, auto)
                 reference_timing = None if reference_spec is None else timings.get(reference_spec.key)
-                work = flops(spec)
-                gflops = work / timing.median_s / 1e9
+                gflops = flops(spec) / seconds(timing) / 1e9
                 rows.append(dict(
                     name=spec.label, kind=spec.kind, arch=arch, M=m, K=spec.k,
                     backend=f"auto={auto}" if spec.backend == "auto" else spec.backend,
-                    median_ms=timing.median_s * 1e3, iqr_ms=timing.iqr_s * 1e3, runs=timing.runs,
-                    mem_bytes=timing.peak_mem_bytes,
-                    samples_per_s=spec.batch * (spec.k if spec.kind.startswith("uap") else 1) / timing.median_s,
+                    median_ms=timing.median_s * 1e3, iqr_ms=timing.iqr_s * 1e3, cpu_ms=timing.cpu_median_s * 1e3,
+                    time_ms=seconds(timing) * 1e3, clock=clock, runs=timing.runs, mem_bytes=timing.peak_mem_bytes,
+                    samples_per_s=spec.batch * (spec.k if spec.kind.startswith("uap") else 1) / seconds(timing),
                     gflops=gflops, pct_peak=100 * gflops / peak,
                     anchor=None if reference_timing is None else _short(reference_spec, auto),
-                    ratio=None if reference_timing is None else timing.median_s / reference_timing.median_s))
+                    ratio=None if reference_timing is None else seconds(timing) / seconds(reference_timing)))
     return rows
 
 
@@ -465,7 +480,7 @@ def _short(spec: CaseSpec, auto: str) -> str:
     return name if spec.backend == "-" else f"{name} ({spec.backend})"
 
 
-def machine_info(peak_gflops: float, device: str = "cpu") -> dict:
+def machine_info(peak_gflops: float, device: str = "cpu", clock: str = "wall") -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -475,7 +490,7 @@ def machine_info(peak_gflops: float, device: str = "cpu") -> dict:
                     break
     except OSError:
         pass
-    info = dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+    info = dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__, clock=clock,
                 python=platform.python_version(), device=device, gemm_peak_gflops=peak_gflops,
                 date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                 backends=", ".join(backends.available()), auto_backend=backends.current(device))
@@ -497,28 +512,33 @@ def _memory_cell(value: int | None) -> str:
 def format_markdown(rows: Sequence[dict], header_info: dict) -> str:
     """A markdown table of ``rows`` headed by the machine (``header_info`` from ``machine_info``)."""
     info = header_info
+    clock = rows[0]["clock"] if rows else "wall"
     device = info.get("gpu", f"CPU {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads")
     memory_header = "peak MiB" if str(info.get("device", "cpu")).startswith("cuda") else "saved-act MiB"
     lines = [
         f"Machine: {device}; torch {info['torch']}, Python {info['python']}; backends available: "
         f"{info['backends']} (automatic: {info['auto_backend']}).",
-        f"Measured GEMM peak (1024^3 float32 matmul, median): {info['gemm_peak_gflops']:.1f} GFLOP/s. "
+        f"Measured GEMM peak (1024^3 float32 matmul, median {info.get('clock', 'wall')} time, "
+        f"{info['threads']} threads): {info['gemm_peak_gflops']:.1f} GFLOP/s. "
         f"Date: {info['date']}" + (f"; load average at the end: {info['load_average']}." if "load_average" in info else "."),
         "",
-        f"| case | arch | M | backend | median ms | IQR ms | {memory_header} | images/s | GFLOP/s | % peak | anchor | median / anchor |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        f"| case | arch | M | backend | wall median ms | wall IQR ms | CPU ms | runs | {memory_header} | images/s | "
+        f"GFLOP/s | % peak | anchor | {clock} time / anchor |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in rows:
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
         lines.append(
             f"| {row['name']} | {row['arch']} | {row['M']} | {row['backend']} | {row['median_ms']:.2f} | "
-            f"{row['iqr_ms']:.2f} | {_memory_cell(row['mem_bytes'])} | {row['samples_per_s']:.0f} | "
-            f"{row['gflops']:.1f} | {row['pct_peak']:.0f} | {row['anchor'] or ''} | {ratio} |")
+            f"{row['iqr_ms']:.2f} | {row['cpu_ms']:.2f} | {row['runs']} | {_memory_cell(row['mem_bytes'])} | "
+            f"{row['samples_per_s']:.0f} | {row['gflops']:.1f} | {row['pct_peak']:.0f} | {row['anchor'] or ''} | {ratio} |")
     lines += [
         "",
         f"B = {BATCH}, nproj = 1, float32, random data; lambda_JR = {JR_LAMBDA}; every step includes backward and "
         "an Adam step. Each (arch, M) group is timed interleaved (shuffled round-robin), so a ratio compares "
-        "closures run under the same load. GFLOP/s count GEMM/convolution FLOPs from the layer shapes "
+        "closures run under the same load. CPU ms: median process CPU time per call (all threads). "
+        f"images/s, GFLOP/s, % peak and ratios use the {clock} clock ({'median process CPU time' if clock == 'cpu' else 'median wall time'}). "
+        "GFLOP/s count GEMM/convolution FLOPs from the layer shapes "
         "(`fastjac.benchmark.step_flops`); the common UAP counts the parameter gradients it forms. "
         + ("peak MiB: growth of torch.cuda.max_memory_allocated over one call."
            if memory_header == "peak MiB" else
@@ -547,7 +567,7 @@ def check_targets(rows: Sequence[dict], auto: str | None = None, arch: str = "ml
 
     def median(kind, backend=None, k=1):
         row = _find(rows, kind, arch, m, backend, k)
-        return None if row is None else row["median_ms"]
+        return None if row is None else row["time_ms"]
 
     plain = median("plain", auto_label)
     vjp, jvp = median("jr_vjp", auto), median("jr_jvp", auto)
@@ -620,13 +640,14 @@ def _variance_batch(batch: int, device: str) -> tuple[torch.Tensor, str]:
 
 
 def estimator_variance(*, arch: str = "mlp", members: int = 5, draws: int = 200, batch: int = BATCH,
-                       rows: Sequence[dict] | None = None, device: str = "cpu", quick: bool = False) -> dict:
+                       rows: Sequence[dict] | None = None, device: str = "cpu", quick: bool = False,
+                       clock: str = "wall") -> dict:
     """Spread of the nproj = 1 vjp and jvp estimates of each member's batch-mean ||J||_F^2, at init.
 
     For each estimator: over ``draws`` independent projections, the mean (with its standard error, to
     compare with the exact value from jacrev), the standard deviation of one estimate (what one training
     step sees), its relative variance (var / exact^2, averaged over members), and time x relative
-    variance with the time of one JR training step (from ``rows`` when they hold the (arch, M) steps
+    variance with the time (``clock``) of one JR training step (from ``rows`` when they hold the (arch, M) steps
     on the automatic backend, else measured here): the cost of reaching a given variance by averaging
     steps; lower is better.
     """
@@ -641,14 +662,15 @@ def estimator_variance(*, arch: str = "mlp", members: int = 5, draws: int = 200,
     for mode in ("vjp", "jvp"):
         row = None if rows is None else _find(rows, f"jr_{mode}", arch, members, auto)
         if row is not None:
-            step_ms[mode] = row["median_ms"]
+            step_ms[mode] = row["time_ms"]
     if len(step_ms) < 2:
         specs = {mode: CaseSpec(f"jr_{mode}", arch, members, auto, batch=batch) for mode in ("vjp", "jvp")}
         options = dict(warmup=1, repeats=5) if quick else dict(warmup=3, repeats=20, max_time=10.0)
         timings = measure_interleaved({mode: build(spec, device) for mode, spec in specs.items()}, device=device,
                                       memory=False, **options)
-        step_ms = {mode: timing.median_s * 1e3 for mode, timing in timings.items()}
-    report = dict(arch=arch, members=members, draws=draws, batch=batch, source=source,
+        step_ms = {mode: (timing.cpu_median_s if clock == "cpu" else timing.median_s) * 1e3
+                   for mode, timing in timings.items()}
+    report = dict(arch=arch, members=members, draws=draws, batch=batch, source=source, clock=clock,
                   exact=exact.tolist(), estimators={})
     for mode, values in estimates.items():
         std = values.std(dim=0)  # [M]
@@ -672,7 +694,7 @@ def format_variance(report: dict) -> str:
         for index, exact in enumerate(report["exact"]):
             lines.append(f"| {mode} | {index} | {exact:.4g} | {stats['mean'][index]:.4g} +- {stats['sem'][index]:.2g} | "
                          f"{stats['std'][index]:.3g} | {stats['std'][index] / exact:.3f} |")
-    lines += ["", "| estimator | JR step ms | relative variance (var/exact^2, mean over members) | "
+    lines += ["", f"| estimator | JR step ms ({report['clock']} clock) | relative variance (var/exact^2, mean over members) | "
                   "step ms x relative variance (lower is better) |", "|---|---:|---:|---:|"]
     for mode, stats in report["estimators"].items():
         lines.append(f"| {mode} | {stats['step_ms']:.2f} | {stats['relative_variance']:.4g} | "
@@ -693,6 +715,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, action="append", help=f"ensemble size(s) M (default: {MEMBERS})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to run on (default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); 1 is "
+                        "the robust setting on a machine shared with other work")
+    parser.add_argument("--clock", choices=CLOCKS, default="wall",
+                        help="clock for ratios, images/s and GFLOP/s: wall time, or process CPU time (with "
+                             "--threads 1 it excludes the time spent waiting for a core on a shared machine)")
     parser.add_argument("--out", help="also write the report (markdown) to this file")
     parser.add_argument("--no-variance", action="store_true", help="skip the estimator-variance report")
     parser.add_argument("--profile-misses", action="store_true",
@@ -700,11 +727,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(m < 1 for m in args.members or []):
         parser.error("--members must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     archs, members = tuple(args.arch or ARCHS), tuple(args.members or MEMBERS)
 
-    peak = gemm_peak_gflops(device=args.device)
-    rows = run_table(args.quick, archs, members, file=sys.stderr, device=args.device, peak_gflops=peak)
-    info = machine_info(peak, args.device)
+    peak = gemm_peak_gflops(device=args.device, clock=args.clock)
+    rows = run_table(args.quick, archs, members, file=sys.stderr, device=args.device, peak_gflops=peak,
+                     clock=args.clock)
+    info = machine_info(peak, args.device, args.clock)
     command = "python -m fastjac bench " + " ".join(argv if argv is not None else sys.argv[1:])
     sections = [f"Command: `{command.strip()}`", "", format_markdown(rows, info)]
     target_arch, target_m = ("mlp" if "mlp" in archs else archs[0]), (5 if 5 in members else max(members))
@@ -720,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
                              profile_top_ops(result["spec"], device=args.device), "```"]
     if not args.no_variance and "mlp" in archs:
         report = estimator_variance(members=target_m, draws=50 if args.quick else 200, rows=rows,
-                                    device=args.device, quick=args.quick)
+                                    device=args.device, quick=args.quick, clock=args.clock)
         sections += ["", format_variance(report)]
     text = "\n".join(sections)
     print(text)

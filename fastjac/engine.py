@@ -164,16 +164,41 @@ class Engine:
             h = torch.cat([x, u], dim=1)
         else:
             h = torch.cat([x, tangents.reshape(-1, *tangents.shape[2:])])
-        layout = "members" if per_member else "shared"
-        tape = Tape() if record else None
-        for layer in self.layers:
+        return self._run(h, "members" if per_member else "shared", streams, batch, 0, Tape() if record else None)
+
+    def _run(self, h, layout: str, streams: int, batch: int, start: int, tape: Tape | None):
+        """Layers ``start..`` on activations ``h`` in ``layout``; returns (logits, tangents, tape)."""
+        for layer in self.layers[start:]:
             h, layout, saved = self._forward_layer(layer, h, layout, streams, batch)
             if tape is not None:
                 tape.entries.append(saved)
         out = _to_members(h, layout) if layout != "shared" else h.unsqueeze(0).expand(self.members, *h.shape)
         logits = out[:, :batch]
-        tangent_out = None if tangents is None else out[:, batch:].reshape(self.members, streams - 1, batch, -1)
+        tangent_out = None if streams == 1 else out[:, batch:].reshape(self.members, streams - 1, batch, -1)
         return logits, tangent_out, tape
+
+    def first_linear(self) -> int | None:
+        """Index of the first layer if it is a Linear reached through shape-only layers, else None."""
+        for index, layer in enumerate(self.layers):
+            if layer.kind == "linear":
+                return index
+            if layer.kind not in ("flatten", "identity", "dropout"):
+                return None
+        return None
+
+    def forward_perturbed(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Member logits [M, K*B, C] on clamp(x + delta_k, 0, 1) (row k*B + b), differentiable w.r.t.
+        delta only. Where the network starts with a Linear, the perturbation is formed inside the first
+        layer's load (``perturbed_linear``) and the [K*B, *input] batch is never materialized."""
+        from fastjac.ops import uap_step
+
+        first = self.first_linear()
+        if first is None:
+            return self.forward(uap_step.perturb(x, delta, self.backend).flatten(0, 1))[0]
+        layer = self.layers[first]
+        weight, bias = self._weight_bias(layer)
+        out, _ = uap_step.perturbed_linear(x.flatten(1), delta.flatten(1), weight, bias, layer.relu, self.backend)
+        return self._run(out, "members", 1, out.shape[1], first + 1, None)[0]
 
     def _forward_layer(self, layer: Layer, h, layout: str, streams: int, batch: int):
         kind, opts = layer.kind, layer.options

@@ -116,7 +116,7 @@ def sgd_uap(f: Model, batches: Iterable, eps: float, *, epochs: int = 10, beta: 
             loss = uap_loss(f(torch.clamp(x + trial, 0.0, 1.0)), y, beta, target)
             (grad,) = torch.autograd.grad(loss, trial)
             delta = torch.clamp(delta + step * torch.sign(grad), -eps, eps)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     return delta, losses
 
 

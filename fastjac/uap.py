@@ -30,16 +30,34 @@ class UAPResult:
     seconds: float = 0.0
 
 
-def frozen_logits(model: nn.Module, backend: str | None = None):
-    """f(x [N, *input]) -> output [N, C] (an Ensemble: mean logits) with the parameters detached, so a
-    backward pass forms input gradients only."""
+def _frozen_engine(model: nn.Module, backend: str | None):
+    """The stacked engine over detached parameters (so a backward pass forms input gradients only), or
+    None for an architecture it does not fuse."""
     view = fused_view(model)
-    if view is None:  # generic path: autograd.grad w.r.t. delta alone skips ATen's weight gradients
-        return model
+    if view is None:
+        return None
     layers, params = view
     params = {name: p.detach() for name, p in params.items()}
-    run = engine.Engine(layers, params, backends.resolve(backend, next(iter(params.values())).device.type))
+    return engine.Engine(layers, params, backends.resolve(backend, next(iter(params.values())).device.type))
+
+
+def frozen_logits(model: nn.Module, backend: str | None = None):
+    """f(x [N, *input]) -> output [N, C] (an Ensemble: mean logits) with the parameters frozen."""
+    run = _frozen_engine(model, backend)
+    if run is None:  # generic path: autograd.grad w.r.t. the input alone skips ATen's weight gradients
+        return model
     return lambda x: run.forward(x)[0].mean(0)
+
+
+def perturbed_logits(model: nn.Module, backend: str | None = None):
+    """f(x [B, *input], delta [K, *input]) -> output [K*B, C] on clamp(x + delta_k, 0, 1) (row k*B + b),
+    parameters frozen. The Triton backend forms the perturbation inside the first layer's load."""
+    run = _frozen_engine(model, backend)
+    if run is not None and run.backend == "triton":
+        return lambda x, delta: run.forward_perturbed(x, delta).mean(0)
+    name = run.backend if run is not None else "torch"
+    f = model if run is None else (lambda rows: run.forward(rows)[0].mean(0))
+    return lambda x, delta: f(uap_step.perturb(x, delta, name).flatten(0, 1))
 
 
 def _broadcast(eps: list, target) -> tuple[list, list]:
@@ -75,9 +93,8 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
         raise ValueError(f"beta and step_decay must be > 0, got beta={beta!r}, step_decay={step_decay!r}")
     was_training = model.training
     model.eval()
-    f = frozen_logits(model, backend)
-    any_param = next(model.parameters())
-    name = backends.resolve(backend, any_param.device.type)
+    f = perturbed_logits(model, backend)
+    name = backends.resolve(backend, next(model.parameters()).device.type)
     delta, result, started = None, None, time.perf_counter()
     try:
         for epoch in range(epochs):
@@ -95,8 +112,7 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
                     raise ValueError(f"batch x has sample shape {tuple(x.shape[1:])}, the first batch had {tuple(delta.shape[1:])}")
                 labels = torch.stack([y if t is None else torch.full_like(y, t) for t in targets])  # [K, B]
                 trial = delta.detach().requires_grad_(True)
-                perturbed = uap_step.perturb(x, trial, name)  # [K, B, *input]
-                logits = f(perturbed.flatten(0, 1))
+                logits = f(x, trial)  # [K*B, C]
                 ce = F.cross_entropy(logits, labels.flatten(), reduction="none").view(len(eps), -1)
                 losses = signs * ce.clamp(max=beta).mean(dim=1)  # [K]: each delta_k only sees its own term
                 (grad,) = torch.autograd.grad(losses.sum(), trial)

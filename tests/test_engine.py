@@ -401,6 +401,17 @@ def test_members_round_trip(arch):
     assert torch.equal(ensemble.member_logits(x), before)
 
 
+def test_members_keep_the_ensembles_dtype_after_conversion():
+    """Ensemble.to(dtype) converts the stacked parameters; the unstacked members must follow (a float32
+    copy of a float64 ensemble would silently lose precision, and fail on float64 inputs)."""
+    ensemble = Ensemble(make_members("mlp", 2, F32)).double()
+    assert ensemble.params()["1.weight"].dtype == F64
+    x = make_input(2, F64)
+    for index, member in enumerate(ensemble.members()):
+        assert all(p.dtype == F64 for p in member.parameters()), f"member {index} is not float64"
+        assert torch.equal(member(x), ensemble.member_logits(x)[index])
+
+
 @pytest.mark.parametrize("arch", ["mlp", "lenet"])
 def test_state_dict_save_load_round_trip(tmp_path, arch):
     ensemble = Ensemble(make_members(arch, 3, seed=0)).eval()

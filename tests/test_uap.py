@@ -178,8 +178,14 @@ def test_uap_lowers_accuracy_of_a_trained_model(fashion):
     fastjac.train(model, (x[:10000], y[:10000]), epochs=1, batch_size=128, lr=1e-3, progress=False)
     attack = [(x[10000 + 100 * i:10100 + 100 * i], y[10000 + 100 * i:10100 + 100 * i]) for i in range(10)]
     result = sgd_uap(model, attack, eps=0.1, epochs=3)
-    metrics = fastjac.evaluate(model, x_test[:1000], y_test[:1000], result.delta)
-    # 1 epoch on 10000 images reaches ~75-80% clean accuracy; an eps=0.1 universal perturbation (a tenth
-    # of the pixel range, everywhere) costs an undefended MLP well over 10 points
-    assert metrics["clean_accuracy"] > 0.65, metrics
-    assert metrics["uap_accuracy"][0] < metrics["clean_accuracy"] - 0.10, metrics
+    # control: a random-sign perturbation of the same L-inf norm (what a UAP must beat to be "adversarial")
+    g = torch.Generator().manual_seed(0)
+    noise = 0.1 * torch.sign(torch.randn(1, 1, 28, 28, generator=g))
+    metrics = fastjac.evaluate(model, x_test[:1000], y_test[:1000], torch.cat([result.delta, noise]))
+    clean, uap_accuracy, noise_accuracy = metrics["clean_accuracy"], *metrics["uap_accuracy"]
+    # 1 epoch on 10000 images reaches ~75% clean accuracy (measured 0.749); an eps=0.1 universal
+    # perturbation cost this undefended MLP ~13 points (0.622), random signs ~1.5 (0.735). The bounds
+    # below keep a margin for other seeds / BLAS orders while still failing for a no-op or random attack.
+    assert clean > 0.65, metrics
+    assert uap_accuracy < clean - 0.08, metrics
+    assert uap_accuracy < noise_accuracy - 0.05, metrics
