@@ -269,10 +269,11 @@ def _stacked_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / y.shape[0]
 
 
-def _adam_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+def _adam_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    return loss.detach()
 
 
 def _ensemble_loop(members: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -301,12 +302,17 @@ def _common_uap(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, 
                 delta += eps * UAP_STEP_DECAY * delta.grad.sign()
                 delta.clamp_(-eps, eps)
             delta.grad = None
+        return torch.cat([delta.detach() for delta in deltas])
 
     return step
 
 
-def build(spec: CaseSpec, device: str = "cpu") -> Callable[[], None]:
-    """A closure running one call of ``spec`` on fresh members (seed 0) and a fixed random batch."""
+def build(spec: CaseSpec, device: str = "cpu") -> Callable[[], torch.Tensor]:
+    """A closure running one call of ``spec`` on fresh members (seed 0) and a fixed random batch.
+
+    It returns the call's result, for a sanity check: the loss (training steps, a scalar), the ensemble
+    output [B, C] (inference) or the perturbations [K, *input] after the iteration (UAP).
+    """
     if spec.kind not in KINDS:
         raise ValueError(f"unknown case kind {spec.kind!r}; known: {', '.join(KINDS)}")
     if spec.kind in ("uap", "uap_common") and not 1 <= spec.k <= len(UAP_EPS):
@@ -321,20 +327,20 @@ def build(spec: CaseSpec, device: str = "cpu") -> Callable[[], None]:
         optimizer = torch.optim.Adam(ensemble.parameters(), lr=1e-3)
         if kind == "plain":
             def step():
-                _adam_step(optimizer, _stacked_ce(ensemble.member_logits(x, backend=backend), y))
+                return _adam_step(optimizer, _stacked_ce(ensemble.member_logits(x, backend=backend), y))
         else:
             mode = kind[3:]
 
             def step():
                 logits, penalty = penalty_and_logits(ensemble, x, nproj=1, mode=mode, backend=backend)
-                _adam_step(optimizer, _stacked_ce(logits, y) + JR_LAMBDA / 2 * penalty.sum())
+                return _adam_step(optimizer, _stacked_ce(logits, y) + JR_LAMBDA / 2 * penalty.sum())
         return step
 
     if kind in ("reference_jr", "loop"):
         optimizer = torch.optim.Adam([p for member in members for p in member.parameters()], lr=1e-3)
         if kind == "loop":
             def step():
-                _adam_step(optimizer, sum(F.cross_entropy(member(x), y) for member in members))
+                return _adam_step(optimizer, sum(F.cross_entropy(member(x), y) for member in members))
         else:
             def step():  # Hoffman et al.'s structure: one forward per member, CE + double-backprop penalty
                 loss = 0.0
@@ -343,7 +349,7 @@ def build(spec: CaseSpec, device: str = "cpu") -> Callable[[], None]:
                     logits = member(inputs)
                     v = reference.sphere_projections(1, x.shape[0], logits.shape[-1], device=x.device)
                     loss = loss + F.cross_entropy(logits, y) + JR_LAMBDA / 2 * reference.penalty_vjp_outputs(inputs, logits, v)
-                _adam_step(optimizer, loss)
+                return _adam_step(optimizer, loss)
         return step
 
     if kind == "infer_stacked":
@@ -366,7 +372,7 @@ def build(spec: CaseSpec, device: str = "cpu") -> Callable[[], None]:
         model = members[0] if spec.members == 1 else Ensemble(members)
         batches, eps = [(x, y)], list(UAP_EPS[:spec.k])
         return lambda: sgd_uap(model, batches, eps=eps, epochs=1, beta=UAP_BETA, step_decay=UAP_STEP_DECAY,
-                               backend=backend)
+                               backend=backend).delta
     return _common_uap(members, x, y, spec.k)
 
 
@@ -423,6 +429,7 @@ def bench_backends(device: str = "cpu") -> list[str]:
 
 # ============================================================================================= table
 CLOCKS = ("wall", "cpu")
+NOISY_IQR = 0.5
 
 
 def run_table(quick: bool = False, archs: Sequence[str] = ARCHS, members: Sequence[int] = MEMBERS, file=None,
@@ -432,7 +439,8 @@ def run_table(quick: bool = False, archs: Sequence[str] = ARCHS, members: Sequen
     Row keys: name, kind, arch, M, K, backend, median_ms (wall clock), iqr_ms, cpu_ms (median process
     CPU time), time_ms (the median of ``clock``: what images/s, GFLOP/s and ratios use), runs, mem_bytes,
     samples_per_s (images per second: K*B / time for the UAP cases, B / time otherwise), gflops,
-    pct_peak, anchor (the anchor's name/backend), ratio (time / anchor's time), clock.
+    pct_peak, anchor (the anchor's name/backend), ratio (time / anchor's time), clock, noisy (wall clock
+    only: the IQR exceeds NOISY_IQR times the median, the mark of a run disturbed by other work).
     ``clock="cpu"`` suits a machine shared with other work when torch runs one thread: CPU time then
     excludes the time the process waits for a core. ``file``: where progress lines go (None: quiet).
     """
@@ -441,7 +449,7 @@ def run_table(quick: bool = False, archs: Sequence[str] = ARCHS, members: Sequen
     names = bench_backends(device)
     auto = backends.current(device)
     peak = peak_gflops if peak_gflops is not None else gemm_peak_gflops(device=device, clock=clock)
-    timing_options = dict(warmup=1, repeats=5, max_time=4.0) if quick else dict(warmup=3, repeats=20, max_time=12.0)
+    timing_options = dict(warmup=1, repeats=5, max_time=4.0) if quick else dict(warmup=3, repeats=20, max_time=20.0)
     rows: list[dict] = []
     for arch in archs:
         for m in members:
@@ -468,7 +476,9 @@ def run_table(quick: bool = False, archs: Sequence[str] = ARCHS, members: Sequen
                     samples_per_s=spec.batch * (spec.k if spec.kind.startswith("uap") else 1) / seconds(timing),
                     gflops=gflops, pct_peak=100 * gflops / peak,
                     anchor=None if reference_timing is None else _short(reference_spec, auto),
-                    ratio=None if reference_timing is None else seconds(timing) / seconds(reference_timing)))
+                    ratio=None if reference_timing is None else seconds(timing) / seconds(reference_timing),
+                    noisy=clock == "wall" and (timing.iqr_s > NOISY_IQR * timing.median_s or (
+                        reference_timing is not None and reference_timing.iqr_s > NOISY_IQR * reference_timing.median_s))))
     return rows
 
 
@@ -527,7 +537,7 @@ def format_markdown(rows: Sequence[dict], header_info: dict) -> str:
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in rows:
-        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}" + (" (noisy)" if row.get("noisy") else "")
         lines.append(
             f"| {row['name']} | {row['arch']} | {row['M']} | {row['backend']} | {row['median_ms']:.2f} | "
             f"{row['iqr_ms']:.2f} | {row['cpu_ms']:.2f} | {row['runs']} | {_memory_cell(row['mem_bytes'])} | "
@@ -537,6 +547,8 @@ def format_markdown(rows: Sequence[dict], header_info: dict) -> str:
         f"B = {BATCH}, nproj = 1, float32, random data; lambda_JR = {JR_LAMBDA}; every step includes backward and "
         "an Adam step. Each (arch, M) group is timed interleaved (shuffled round-robin), so a ratio compares "
         "closures run under the same load. CPU ms: median process CPU time per call (all threads). "
+        f"(noisy): the row's or its anchor's wall IQR exceeds {NOISY_IQR:g} x its median, i.e. other work "
+        "disturbed the run; do not read that ratio. "
         f"images/s, GFLOP/s, % peak and ratios use the {clock} clock ({'median process CPU time' if clock == 'cpu' else 'median wall time'}). "
         "GFLOP/s count GEMM/convolution FLOPs from the layer shapes "
         "(`fastjac.benchmark.step_flops`); the common UAP counts the parameter gradients it forms. "
@@ -565,8 +577,12 @@ def check_targets(rows: Sequence[dict], auto: str | None = None, arch: str = "ml
     auto = auto or backends.current("cpu")
     auto_label = f"auto={auto}"
 
+    noisy_rows: list[str] = []
+
     def median(kind, backend=None, k=1):
         row = _find(rows, kind, arch, m, backend, k)
+        if row is not None and row.get("noisy"):
+            noisy_rows.append(kind)
         return None if row is None else row["time_ms"]
 
     plain = median("plain", auto_label)
@@ -579,6 +595,7 @@ def check_targets(rows: Sequence[dict], auto: str | None = None, arch: str = "ml
         return None if a is None or b is None else a / b
 
     same = dict(arch=arch, members=m)
+    noisy = set(noisy_rows)
     targets = [
         ("jvp JR step <= 2.2x plain stacked step", ratio(jvp, plain), lambda r: r <= 2.2, CaseSpec("jr_jvp", backend=auto, **same)),
         ("vjp JR step <= 2.5x plain stacked step", ratio(vjp, plain), lambda r: r <= 2.5, CaseSpec("jr_vjp", backend=auto, **same)),
@@ -595,8 +612,12 @@ def check_targets(rows: Sequence[dict], auto: str | None = None, arch: str = "ml
         ("UAP K=4 iteration <= 4x K=1 iteration", ratio(uap4, uap1), lambda r: r <= 4.0,
          CaseSpec("uap", backend="auto", k=4, **same)),
     ]
-    return [dict(target=name, ratio=value, ok=None if value is None else bool(test(value)), spec=spec)
-            for name, value, test, spec in targets]
+    kinds = [("jr_jvp", "plain"), ("jr_vjp", "plain"), ("reference_jr", "jr_vjp"), ("reference_jr", "jr_jvp"),
+             ("loop", "plain"), ("infer_loop", "infer_stacked"), ("infer_vmap", "infer_stacked"), ("uap_common", "uap"),
+             ("uap", "uap")]
+    return [dict(target=name, ratio=value, ok=None if value is None else bool(test(value)), spec=spec,
+                 noisy=bool(noisy & set(used)))
+            for (name, value, test, spec), used in zip(targets, kinds)]
 
 
 def format_targets(results: Sequence[dict], arch: str = "mlp", m: int = 5) -> str:
@@ -604,7 +625,8 @@ def format_targets(results: Sequence[dict], arch: str = "mlp", m: int = 5) -> st
     for result in results:
         status = "n/a " if result["ok"] is None else ("PASS" if result["ok"] else "MISS")
         value = "not measured" if result["ratio"] is None else f"{result['ratio']:.2f}x"
-        lines.append(f"- {status} {result['target']}: measured {value}")
+        lines.append(f"- {status} {result['target']}: measured {value}"
+                     + (" (noisy: a row it uses was disturbed by other work)" if result.get("noisy") else ""))
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ def check_same_architecture(members: Sequence[nn.Module]) -> None:
                              f"member 0 has {first_layers[1:]}")
         params = {name: (tuple(p.shape), p.dtype) for name, p in member.named_parameters()}
         if params != first_params:
-            diff = sorted(set(params.items()) ^ set(first_params.items()))
+            diff = sorted(set(params.items()) ^ set(first_params.items()), key=str)
             raise ValueError(f"ensemble members differ in parameters: member {index} vs member 0 at {diff[:2]}")
         if {name: tuple(b.shape) for name, b in member.named_buffers()} != first_buffers:
             raise ValueError(f"ensemble members differ in buffers: member {index} vs member 0")
@@ -84,6 +84,10 @@ class Ensemble(nn.Module):
     def num_members(self) -> int:
         return next(iter(self.stacked.values())).shape[0]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.stacked.values())).dtype
+
     def params(self) -> dict[str, torch.Tensor]:
         """Stacked parameters by member-module name ('1.weight' -> [M, *shape])."""
         return {name: self.stacked[_key(name)] for name in self.names}
@@ -110,7 +114,8 @@ class Ensemble(nn.Module):
         result = []
         device = next(iter(self.stacked.values())).device
         for index in range(self.num_members):
-            member = copy.deepcopy(self._template[0]).to_empty(device=device)
+            # the template keeps the dtype the members had; the stacked parameters may have been converted since
+            member = copy.deepcopy(self._template[0]).to_empty(device=device).to(self.dtype)
             state = {name: tensor[index].detach().clone() for name, tensor in self.params().items()}
             state.update({name: tensor[index].clone() for name, tensor in self.buffers_by_name().items()})
             member.load_state_dict(state)
@@ -163,8 +168,10 @@ def fused_view(model: nn.Module):
         return (model.layers, model.params()) if model.fused() else None
     try:
         layers = engine.parse(model)
-    except engine.UnsupportedArchitecture:
+    except engine.UnsupportedArchitecture as reason:
+        _warn_once(str(reason))
         return None
     if not engine.fusable_in_mode(layers, model.training):
+        _warn_once("Dropout with p > 0 in training mode")
         return None
     return layers, {name: p.unsqueeze(0) for name, p in model.named_parameters()}

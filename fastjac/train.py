@@ -38,6 +38,8 @@ class TrainResult:
 
 def _lambdas(jr_lambda, members: int, target: str) -> torch.Tensor:
     values = list(jr_lambda) if isinstance(jr_lambda, (list, tuple)) else [jr_lambda] * (members if target == "members" else 1)
+    if target == "single" and len(values) != 1:
+        raise ValueError("a single model takes one jr_lambda, not a list")
     if target == "ensemble" and len(values) != 1:
         raise ValueError("jr_target='ensemble' takes one jr_lambda for the whole ensemble, not a list")
     if target == "members" and len(values) != members:
@@ -88,7 +90,9 @@ def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: flo
         raise ValueError("member_data='independent' needs an Ensemble")
     if member_data == "independent" and jr_target == "ensemble":
         raise ValueError("jr_target='ensemble' trains the members jointly on shared batches (member_data='shared')")
-    lambdas = _lambdas(jr_lambda, members, jr_target if is_ensemble else "ensemble")
+    lambdas = _lambdas(jr_lambda, members, jr_target if is_ensemble else "single")
+    with torch.no_grad():  # labels must index the model's classes: a clear error now, not deep in CE
+        check_labels(y, x.shape[0], model(x[:1]).shape[-1], "data y")
     regularized = bool((lambdas > 0).any())
     config = _config(batch_size=batch_size, lr=lr, jr_lambda=lambdas.tolist(), jr_target=jr_target, jr_mode=jr_mode,
                      nproj=nproj, seed=seed, member_data=member_data, members=members, samples=int(x.shape[0]))

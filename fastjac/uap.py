@@ -113,6 +113,8 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
                 labels = torch.stack([y if t is None else torch.full_like(y, t) for t in targets])  # [K, B]
                 trial = delta.detach().requires_grad_(True)
                 logits = f(x, trial)  # [K*B, C]
+                if int(labels.max()) >= logits.shape[-1]:
+                    raise ValueError(f"labels or target classes must be < {logits.shape[-1]} (the model's classes)")
                 ce = F.cross_entropy(logits, labels.flatten(), reduction="none").view(len(eps), -1)
                 losses = signs * ce.clamp(max=beta).mean(dim=1)  # [K]: each delta_k only sees its own term
                 (grad,) = torch.autograd.grad(losses.sum(), trial)

@@ -4,7 +4,9 @@ import torch
 
 def assert_close(actual, expected, *, rtol, atol, name="value"):
     """torch.testing-style comparison whose failure names the worst index, both values, and NaN/inf mismatches."""
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    # Python numbers become float64: a float32 default would round a float64 comparison away
+    actual, expected = (v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
+                        for v in (actual, expected))
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     nonfinite = ~torch.isfinite(a) | ~torch.isfinite(e)

@@ -9,7 +9,6 @@ any real error (a wrong factor, a missing term, a wrong projection scale are all
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import fastjac
 from fastjac import models, reference
@@ -20,7 +19,7 @@ RTOL64 = 1e-10  # see the module docstring
 CLASSES = 4
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)  # module scope: in force for module fixtures too
 def _one_thread():
     """Tiny tensors on a shared 2-core machine: intra-op threads only spin against other processes."""
     threads = torch.get_num_threads()

@@ -14,7 +14,7 @@ TARGETS = [None, 3, None]
 STEP_DECAY = 0.8
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)  # module scope: in force for module fixtures too
 def _one_thread():
     """Tiny models on a shared 2-core machine: intra-op threads only spin against other processes."""
     threads = torch.get_num_threads()
@@ -83,6 +83,21 @@ def test_single_module_matches_reference(batches64):
     assert result.delta.shape == (1, 1, 28, 28)
     expected, _ = reference.sgd_uap(module, batches64, 0.1, epochs=3)
     assert_matches_reference(result.delta[0], expected, 0.1, "single module")
+
+
+def test_unfused_ensemble_matches_reference(batches64, monkeypatch):
+    """An architecture the engine does not fuse (Tanh) attacks through the generic path, same result."""
+    torch.manual_seed(0)
+    members = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 9), torch.nn.Tanh(),
+                                   torch.nn.Linear(9, 10)).double() for _ in range(3)]
+    ensemble = Ensemble(copy.deepcopy(members))
+    monkeypatch.setattr(fastjac.ensemble, "_warned", set())  # the warning is once per process
+    with pytest.warns(UserWarning, match="generic"):
+        result = sgd_uap(ensemble, batches64, eps=EPS[:2], target=TARGETS[:2], epochs=2)
+    for k, (eps, target) in enumerate(zip(EPS[:2], TARGETS[:2])):
+        expected, _ = reference.sgd_uap(reference.ensemble_model(members), batches64, eps, epochs=2, target=target)
+        assert_matches_reference(result.delta[k], expected, eps, f"generic delta[{k}]")
+    assert all(p.grad is None for p in ensemble.parameters())
 
 
 def test_scalar_target_broadcasts_over_eps(batches64):
