@@ -31,7 +31,8 @@ class BackendUnavailable(RuntimeError):
     """Raised when a backend asked for by name cannot run here."""
 
 
-def _triton_interpreted() -> bool:
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1): tests only, never automatic."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -58,7 +59,7 @@ def _why_unavailable(name: str) -> str | None:
             importlib.import_module("triton")
         except ImportError as error:
             return f"triton is not installed ({error})"
-        if not torch.cuda.is_available() and not _triton_interpreted():
+        if not torch.cuda.is_available() and not triton_interpreted():
             return "no CUDA device, and TRITON_INTERPRET=1 is not set"
         return None
     return f"unknown backend {name!r}; known: {', '.join(NAMES)}"

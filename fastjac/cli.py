@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("verify", help="compare every available backend against the reference")
     p.add_argument("--arch", default="mlp", choices=["mlp", "lenet"])
     p.add_argument("--model", default=None, help="verify on a trained model file instead of a random init")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="backends to check (default: every available one, less the Triton CPU interpreter)")
 
     commands.add_parser("bench", help="throughput benchmarks (arguments after 'bench' go to the harness)", add_help=False)
     return parser
@@ -137,7 +139,7 @@ def _cmd_reproduce(args) -> dict:
 def _cmd_verify(args) -> dict:
     from fastjac.verify import verify
 
-    return verify(arch=args.arch, model_path=args.model)
+    return verify(arch=args.arch, model_path=args.model, names=args.backends)
 
 
 def main(argv: list[str] | None = None) -> int:
