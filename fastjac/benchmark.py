@@ -6,8 +6,9 @@ closures under pytest-benchmark. ``measure`` (one closure) and ``measure_interle
 closures, round-robin) give a warm-up, the median and IQR of many runs, and a memory figure. Ratios are
 always taken between closures timed interleaved in the same run, so load on a shared machine hits both
 sides alike. Achieved FLOP/s are the case's GEMM/convolution FLOPs (counted from the layer shapes, see
-``step_flops``) over its median time, also as a fraction of ``gemm_peak_gflops``, a square matmul
-measured in the same run.
+``step_flops``) over its median time, also as a fraction of the machine's practical peak: a square
+float32 matmul (``gemm_closure``) timed interleaved with every group, so the peak is taken under the
+same load as the cases it scales.
 
 Memory: on CUDA the growth of ``torch.cuda.max_memory_allocated`` over one call. On the CPU PyTorch
 exposes no allocator peak, so the figure is the *saved-activation bytes*: the bytes autograd saves for
@@ -46,6 +47,8 @@ UAP_BETA, UAP_STEP_DECAY = 12.0, 0.8
 ARCHS = ("mlp", "lenet")
 MEMBERS = (1, 5)
 UAP_KS = (1, 4)
+# The optimizer every training-step case uses: Adam as ``fastjac.train`` builds it (keep the two in step).
+ADAM_OPTIONS = dict(lr=1e-3)
 
 
 # ============================================================================================ timing
@@ -145,14 +148,23 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20, min
                                device=device, memory=memory)[0]
 
 
-def gemm_peak_gflops(dtype: torch.dtype = torch.float32, *, n: int = 1024, repeats: int = 10,
-                     device: str = "cpu", clock: str = "wall") -> float:
-    """The machine's practical peak with torch's current thread count: GFLOP/s of an n x n x n matmul
-    (2 n^3 FLOPs), median of ``repeats`` (``clock``: "wall" or "cpu", process CPU time)."""
+GEMM_SIZE = 1024
+
+
+def gemm_closure(n: int = GEMM_SIZE, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(closure running one n x n x n matmul, its FLOPs 2 n^3): the machine's practical peak."""
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    timing = measure(lambda: torch.mm(a, b), warmup=2, repeats=repeats, min_time=0.0, device=device, memory=False)
-    return 2 * n ** 3 / (timing.cpu_median_s if clock == "cpu" else timing.median_s) / 1e9
+    return (lambda: torch.mm(a, b)), 2 * n ** 3
+
+
+def gemm_peak_gflops(dtype: torch.dtype = torch.float32, *, n: int = GEMM_SIZE, repeats: int = 10,
+                     device: str = "cpu", clock: str = "wall") -> float:
+    """GFLOP/s of an n x n x n matmul with torch's current thread count, median of ``repeats``
+    (``clock``: "wall", or "cpu" for process CPU time)."""
+    fn, work = gemm_closure(n, dtype, device)
+    timing = measure(fn, warmup=2, repeats=repeats, min_time=0.0, device=device, memory=False)
+    return work / (timing.cpu_median_s if clock == "cpu" else timing.median_s) / 1e9
 
 
 # ============================================================================================= FLOPs
@@ -324,7 +336,7 @@ def build(spec: CaseSpec, device: str = "cpu") -> Callable[[], torch.Tensor]:
 
     if kind in ("plain", "jr_vjp", "jr_jvp"):
         ensemble = Ensemble(members).train()
-        optimizer = torch.optim.Adam(ensemble.parameters(), lr=1e-3)
+        optimizer = torch.optim.Adam(ensemble.parameters(), **ADAM_OPTIONS)
         if kind == "plain":
             def step():
                 return _adam_step(optimizer, _stacked_ce(ensemble.member_logits(x, backend=backend), y))
@@ -337,7 +349,7 @@ def build(spec: CaseSpec, device: str = "cpu") -> Callable[[], torch.Tensor]:
         return step
 
     if kind in ("reference_jr", "loop"):
-        optimizer = torch.optim.Adam([p for member in members for p in member.parameters()], lr=1e-3)
+        optimizer = torch.optim.Adam([p for member in members for p in member.parameters()], **ADAM_OPTIONS)
         if kind == "loop":
             def step():
                 return _adam_step(optimizer, sum(F.cross_entropy(member(x), y) for member in members))
@@ -348,7 +360,8 @@ def build(spec: CaseSpec, device: str = "cpu") -> Callable[[], torch.Tensor]:
                     inputs = x.detach().requires_grad_(True)
                     logits = member(inputs)
                     v = reference.sphere_projections(1, x.shape[0], logits.shape[-1], device=x.device)
-                    loss = loss + F.cross_entropy(logits, y) + JR_LAMBDA / 2 * reference.penalty_vjp_outputs(inputs, logits, v)
+                    penalty = reference.penalty_vjp_outputs(inputs, logits, v)
+                    loss = loss + F.cross_entropy(logits, y) + JR_LAMBDA / 2 * penalty
                 return _adam_step(optimizer, loss)
         return step
 
@@ -433,14 +446,15 @@ NOISY_IQR = 0.5
 
 
 def run_table(quick: bool = False, archs: Sequence[str] = ARCHS, members: Sequence[int] = MEMBERS, file=None,
-              *, device: str = "cpu", peak_gflops: float | None = None, clock: str = "wall") -> list[dict]:
+              *, device: str = "cpu", clock: str = "wall") -> list[dict]:
     """Run every case of every (arch, M) group, each group timed interleaved -> one dict per case.
 
     Row keys: name, kind, arch, M, K, backend, median_ms (wall clock), iqr_ms, cpu_ms (median process
     CPU time), time_ms (the median of ``clock``: what images/s, GFLOP/s and ratios use), runs, mem_bytes,
     samples_per_s (images per second: K*B / time for the UAP cases, B / time otherwise), gflops,
-    pct_peak, anchor (the anchor's name/backend), ratio (time / anchor's time), clock, noisy (wall clock
-    only: the IQR exceeds NOISY_IQR times the median, the mark of a run disturbed by other work).
+    peak_gflops (the group's GEMM, timed interleaved with its cases), pct_peak, anchor (the anchor's
+    name/backend), ratio (time / anchor's time), clock, noisy (wall clock only: the row's or its
+    anchor's IQR exceeds NOISY_IQR times the median, the mark of a run disturbed by other work).
     ``clock="cpu"`` suits a machine shared with other work when torch runs one thread: CPU time then
     excludes the time the process waits for a core. ``file``: where progress lines go (None: quiet).
     """
@@ -448,21 +462,23 @@ def run_table(quick: bool = False, archs: Sequence[str] = ARCHS, members: Sequen
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     names = bench_backends(device)
     auto = backends.current(device)
-    peak = peak_gflops if peak_gflops is not None else gemm_peak_gflops(device=device, clock=clock)
     timing_options = dict(warmup=1, repeats=5, max_time=4.0) if quick else dict(warmup=3, repeats=20, max_time=20.0)
+
+    def seconds(timing: Timing) -> float:
+        return timing.cpu_median_s if clock == "cpu" else timing.median_s
+
     rows: list[dict] = []
     for arch in archs:
         for m in members:
             specs = cases(arch, m, names)
             started = time.perf_counter()
             closures = {spec.key: build(spec, device) for spec in specs}
+            closures["gemm"], gemm_flops = gemm_closure(device=device)
             timings = measure_interleaved(closures, device=device, **timing_options)
+            peak = gemm_flops / seconds(timings["gemm"]) / 1e9
             if file is not None:
-                print(f"[bench] {arch} M={m}: {len(specs)} cases in {time.perf_counter() - started:.1f}s", file=file,
-                      flush=True)
-            def seconds(timing: Timing) -> float:
-                return timing.cpu_median_s if clock == "cpu" else timing.median_s
-
+                print(f"[bench] {arch} M={m}: {len(specs)} cases in {time.perf_counter() - started:.1f}s, GEMM "
+                      f"{peak:.1f} GFLOP/s, load average {_load_average()}", file=file, flush=True)
             for spec in specs:
                 timing = timings[spec.key]
                 reference_spec = anchor(spec, auto)
@@ -474,11 +490,11 @@ def run_table(quick: bool = False, archs: Sequence[str] = ARCHS, members: Sequen
                     median_ms=timing.median_s * 1e3, iqr_ms=timing.iqr_s * 1e3, cpu_ms=timing.cpu_median_s * 1e3,
                     time_ms=seconds(timing) * 1e3, clock=clock, runs=timing.runs, mem_bytes=timing.peak_mem_bytes,
                     samples_per_s=spec.batch * (spec.k if spec.kind.startswith("uap") else 1) / seconds(timing),
-                    gflops=gflops, pct_peak=100 * gflops / peak,
+                    gflops=gflops, peak_gflops=peak, pct_peak=100 * gflops / peak,
                     anchor=None if reference_timing is None else _short(reference_spec, auto),
                     ratio=None if reference_timing is None else seconds(timing) / seconds(reference_timing),
-                    noisy=clock == "wall" and (timing.iqr_s > NOISY_IQR * timing.median_s or (
-                        reference_timing is not None and reference_timing.iqr_s > NOISY_IQR * reference_timing.median_s))))
+                    noisy=clock == "wall" and any(t.iqr_s > NOISY_IQR * t.median_s
+                                                  for t in (timing, reference_timing) if t is not None)))
     return rows
 
 
@@ -490,7 +506,15 @@ def _short(spec: CaseSpec, auto: str) -> str:
     return name if spec.backend == "-" else f"{name} ({spec.backend})"
 
 
-def machine_info(peak_gflops: float, device: str = "cpu", clock: str = "wall") -> dict:
+def _load_average() -> str:
+    try:
+        return " ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def machine_info(rows: Sequence[dict], device: str = "cpu", clock: str = "wall") -> dict:
+    """The machine, the software, and the GEMM peaks the groups of ``rows`` measured."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -501,16 +525,20 @@ def machine_info(peak_gflops: float, device: str = "cpu", clock: str = "wall") -
     except OSError:
         pass
     info = dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__, clock=clock,
-                python=platform.python_version(), device=device, gemm_peak_gflops=peak_gflops,
+                python=platform.python_version(), device=device,
+                gemm_peak_gflops=sorted({(row["arch"], row["M"]): row["peak_gflops"] for row in rows}.values()),
                 date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                 backends=", ".join(backends.available()), auto_backend=backends.current(device))
     if str(device).startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
-    try:
-        info["load_average"] = " ".join(f"{value:.2f}" for value in os.getloadavg())
-    except OSError:
-        pass
+    info["load_average"] = _load_average()
     return info
+
+
+def _peak_range(peaks: Sequence[float]) -> str:
+    if not peaks:
+        return "n/a"
+    return f"{peaks[0]:.1f}" if len(peaks) == 1 else f"{min(peaks):.1f} to {max(peaks):.1f}"
 
 
 def _memory_cell(value: int | None) -> str:
@@ -528,9 +556,9 @@ def format_markdown(rows: Sequence[dict], header_info: dict) -> str:
     lines = [
         f"Machine: {device}; torch {info['torch']}, Python {info['python']}; backends available: "
         f"{info['backends']} (automatic: {info['auto_backend']}).",
-        f"Measured GEMM peak (1024^3 float32 matmul, median {info.get('clock', 'wall')} time, "
-        f"{info['threads']} threads): {info['gemm_peak_gflops']:.1f} GFLOP/s. "
-        f"Date: {info['date']}" + (f"; load average at the end: {info['load_average']}." if "load_average" in info else "."),
+        f"Practical peak: a {GEMM_SIZE}^3 float32 matmul timed in every group ({info['clock']} clock, "
+        f"{info['threads']} threads): {_peak_range(info['gemm_peak_gflops'])} GFLOP/s; % peak uses its own group's. "
+        f"Date: {info['date']}; load average at the end: {info['load_average']}.",
         "",
         f"| case | arch | M | backend | wall median ms | wall IQR ms | CPU ms | runs | {memory_header} | images/s | "
         f"GFLOP/s | % peak | anchor | {clock} time / anchor |",
@@ -549,7 +577,8 @@ def format_markdown(rows: Sequence[dict], header_info: dict) -> str:
         "closures run under the same load. CPU ms: median process CPU time per call (all threads). "
         f"(noisy): the row's or its anchor's wall IQR exceeds {NOISY_IQR:g} x its median, i.e. other work "
         "disturbed the run; do not read that ratio. "
-        f"images/s, GFLOP/s, % peak and ratios use the {clock} clock ({'median process CPU time' if clock == 'cpu' else 'median wall time'}). "
+        f"images/s, GFLOP/s, % peak and ratios use the {clock} clock "
+        f"({'median process CPU time' if clock == 'cpu' else 'median wall time'}). "
         "GFLOP/s count GEMM/convolution FLOPs from the layer shapes "
         "(`fastjac.benchmark.step_flops`); the common UAP counts the parameter gradients it forms. "
         + ("peak MiB: growth of torch.cuda.max_memory_allocated over one call."
@@ -596,11 +625,12 @@ def check_targets(rows: Sequence[dict], auto: str | None = None, arch: str = "ml
 
     same = dict(arch=arch, members=m)
     noisy = set(noisy_rows)
+    vjp_spec, jvp_spec = CaseSpec("jr_vjp", backend=auto, **same), CaseSpec("jr_jvp", backend=auto, **same)
     targets = [
-        ("jvp JR step <= 2.2x plain stacked step", ratio(jvp, plain), lambda r: r <= 2.2, CaseSpec("jr_jvp", backend=auto, **same)),
-        ("vjp JR step <= 2.5x plain stacked step", ratio(vjp, plain), lambda r: r <= 2.5, CaseSpec("jr_vjp", backend=auto, **same)),
-        ("reference JR / vjp JR >= 1.3x", ratio(reference_jr, vjp), lambda r: r >= 1.3, CaseSpec("jr_vjp", backend=auto, **same)),
-        ("reference JR / jvp JR >= 1.6x", ratio(reference_jr, jvp), lambda r: r >= 1.6, CaseSpec("jr_jvp", backend=auto, **same)),
+        ("jvp JR step <= 2.2x plain stacked step", ratio(jvp, plain), lambda r: r <= 2.2, jvp_spec),
+        ("vjp JR step <= 2.5x plain stacked step", ratio(vjp, plain), lambda r: r <= 2.5, vjp_spec),
+        ("reference JR / vjp JR >= 1.3x", ratio(reference_jr, vjp), lambda r: r >= 1.3, vjp_spec),
+        ("reference JR / jvp JR >= 1.6x", ratio(reference_jr, jvp), lambda r: r >= 1.6, jvp_spec),
         ("plain stacked step at least loop speed (loop / stacked >= 1)", ratio(loop, plain), lambda r: r >= 1.0,
          CaseSpec("plain", backend="auto", **same)),
         ("inference at least loop speed (loop / stacked >= 1)", ratio(infer_loop, infer), lambda r: r >= 1.0,
@@ -716,7 +746,8 @@ def format_variance(report: dict) -> str:
         for index, exact in enumerate(report["exact"]):
             lines.append(f"| {mode} | {index} | {exact:.4g} | {stats['mean'][index]:.4g} +- {stats['sem'][index]:.2g} | "
                          f"{stats['std'][index]:.3g} | {stats['std'][index] / exact:.3f} |")
-    lines += ["", f"| estimator | JR step ms ({report['clock']} clock) | relative variance (var/exact^2, mean over members) | "
+    lines += ["", f"| estimator | JR step ms ({report['clock']} clock) | "
+                  "relative variance (var/exact^2, mean over members) | "
                   "step ms x relative variance (lower is better) |", "|---|---:|---:|---:|"]
     for mode, stats in report["estimators"].items():
         lines.append(f"| {mode} | {stats['step_ms']:.2f} | {stats['relative_variance']:.4g} | "
@@ -755,11 +786,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     archs, members = tuple(args.arch or ARCHS), tuple(args.members or MEMBERS)
 
-    peak = gemm_peak_gflops(device=args.device, clock=args.clock)
-    rows = run_table(args.quick, archs, members, file=sys.stderr, device=args.device, peak_gflops=peak,
-                     clock=args.clock)
-    info = machine_info(peak, args.device, args.clock)
-    command = "python -m fastjac bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = run_table(args.quick, archs, members, file=sys.stderr, device=args.device, clock=args.clock)
+    info = machine_info(rows, args.device, args.clock)
+    prog = "python -m fastjac.benchmark" if sys.argv[0].endswith("benchmark.py") else parser.prog
+    command = f"{prog} " + " ".join(argv if argv is not None else sys.argv[1:])
     sections = [f"Command: `{command.strip()}`", "", format_markdown(rows, info)]
     target_arch, target_m = ("mlp" if "mlp" in archs else archs[0]), (5 if 5 in members else max(members))
     results = check_targets(rows, backends.current(args.device), target_arch, target_m)
