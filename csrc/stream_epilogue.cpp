@@ -5,6 +5,7 @@
 #include <ATen/AccumulateType.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -23,17 +24,28 @@ constexpr int64_t kBlock = 4096;
 // Below this many elements a parallel region costs more than the pass itself.
 constexpr int64_t kParallelMin = 1 << 15;
 
-// Walks the bias index (i / rep) % nb from a block's first i without a division per element.
-struct BiasIndex {
-  int64_t k, r, nb, rep;
-  BiasIndex(int64_t i, int64_t nb_, int64_t rep_) : k((i / rep_) % nb_), r(i % rep_), nb(nb_), rep(rep_) {}
-  void next() {
-    if (++r == rep) {
+// Splits [0, len) of a block starting at element i0 into segments on which the bias index (i / rep) % nb
+// is k + STEP * (j - j0): STEP = 1 when rep == 1 (consecutive elements take consecutive bias entries),
+// STEP = 0 otherwise (a run of one bias entry). The inner loops then vectorize, instead of stepping a
+// bias index (and, in backward, a dependent accumulator) once per element.
+template <typename Fn>
+inline void for_bias_segments(int64_t i0, int64_t len, int64_t nb, int64_t rep, Fn&& f) {
+  int64_t k = (i0 / rep) % nb, r = i0 % rep;
+  for (int64_t j = 0; j < len;) {
+    if (rep == 1) {
+      const int64_t n = std::min(nb - k, len - j);
+      f(j, j + n, k, std::integral_constant<int, 1>{});
+      j += n;
+      k = 0;
+    } else {
+      const int64_t n = std::min(rep - r, len - j);
+      f(j, j + n, k, std::integral_constant<int, 0>{});
+      j += n;
       r = 0;
       if (++k == nb) k = 0;
     }
   }
-};
+}
 
 struct Item {  // the work item `item` of O * B * blocks, as (o, b, f0, len)
   int64_t o, b, f0, len;
@@ -60,12 +72,18 @@ void forward_kernel(const scalar_t* y, Strides ys, scalar_t* out, Strides os, co
     // NaN stays NaN and negative values give -0).
     if (bias) {
       const scalar_t* bo = bias + it.o * sh.nb;
-      BiasIndex k(it.b * sh.F + it.f0, sh.nb, sh.rep);
-      for (int64_t j = 0; j < it.len; ++j, k.next()) {
-        const scalar_t p = y0[j] + bo[k.k];
-        if (m) m[j] = p > 0;
-        out0[j] = m ? p * static_cast<scalar_t>(m[j]) : p;
-      }
+      for_bias_segments(it.b * sh.F + it.f0, it.len, sh.nb, sh.rep, [&](int64_t j0, int64_t j1, int64_t k, auto step) {
+        const scalar_t* bk = bo + k - step * j0;  // bias of element j: bk[step * j]
+        if (m) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const scalar_t p = y0[j] + bk[step * j];
+            m[j] = p > 0;
+            out0[j] = p * static_cast<scalar_t>(m[j]);
+          }
+        } else {
+          for (int64_t j = j0; j < j1; ++j) out0[j] = y0[j] + bk[step * j];
+        }
+      });
     } else if (m) {
       for (int64_t j = 0; j < it.len; ++j) {
         m[j] = y0[j] > 0;
@@ -111,12 +129,20 @@ void backward_kernel(const scalar_t* go, Strides gos, scalar_t* gy, Strides gys,
 
       if (grad_bias) {  // stream 0 feeds the bias gradient
         acc_t* bo = mine + it.o * sh.nb;
-        BiasIndex k(it.b * sh.F + it.f0, sh.nb, sh.rep);
-        for (int64_t j = 0; j < it.len; ++j, k.next()) {
-          const scalar_t g = m ? go0[j] * static_cast<scalar_t>(m[j]) : go0[j];
-          if (gy0) gy0[j] = g;
-          bo[k.k] += g;
-        }
+        for_bias_segments(it.b * sh.F + it.f0, it.len, sh.nb, sh.rep, [&](int64_t j0, int64_t j1, int64_t k, auto step) {
+          if (gy0) {
+            for (int64_t j = j0; j < j1; ++j) gy0[j] = m ? go0[j] * static_cast<scalar_t>(m[j]) : go0[j];
+          }
+          const scalar_t* g = gy0 ? gy0 : go0;
+          if constexpr (decltype(step)::value == 1) {  // distinct bias entries: no dependency between elements
+            for (int64_t j = j0; j < j1; ++j) bo[k + j - j0] += g[j];
+          } else {  // one bias entry: a vectorized reduction (omp simd may reorder the sum)
+            acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = j0; j < j1; ++j) sum += g[j];
+            bo[k] += sum;
+          }
+        });
       }
       for (int64_t s = grad_bias ? 1 : 0; gy0 && s < sh.S; ++s) {
         const scalar_t* src = go0 + s * gos.s;

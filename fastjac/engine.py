@@ -168,8 +168,10 @@ class Engine:
 
     def _run(self, h, layout: str, streams: int, batch: int, start: int, tape: Tape | None):
         """Layers ``start..`` on activations ``h`` in ``layout``; returns (logits, tangents, tape)."""
+        # Masks serve the tangent streams and the cotangent tape; a plain pass keeps none.
+        need_mask = streams > 1 or tape is not None
         for layer in self.layers[start:]:
-            h, layout, saved = self._forward_layer(layer, h, layout, streams, batch)
+            h, layout, saved = self._forward_layer(layer, h, layout, streams, batch, need_mask)
             if tape is not None:
                 tape.entries.append(saved)
         out = _to_members(h, layout) if layout != "shared" else h.unsqueeze(0).expand(self.members, *h.shape)
@@ -200,23 +202,27 @@ class Engine:
         out, _ = uap_step.perturbed_linear(x.flatten(1), delta.flatten(1), weight, bias, layer.relu, self.backend)
         return self._run(out, "members", 1, out.shape[1], first + 1, None)[0]
 
-    def _forward_layer(self, layer: Layer, h, layout: str, streams: int, batch: int):
+    def _forward_layer(self, layer: Layer, h, layout: str, streams: int, batch: int, need_mask: bool):
         kind, opts = layer.kind, layer.options
         if kind == "linear":
             weight, bias = self._weight_bias(layer)
             source = h if layout == "shared" else _to_members(h, layout)
-            out, mask = linear_op.stacked_linear(source, weight, bias, streams, layer.relu, self.backend)
+            out, mask = linear_op.stacked_linear(source, weight, bias, streams, layer.relu, self.backend, need_mask)
             return out, "members", (layout, source.shape, mask)
         if kind == "conv":
             weight, bias = self._weight_bias(layer)
             source = _channels_view(h, layout)
             members, cout = weight.shape[:2]
-            y = F.conv2d(source, weight.reshape(members * cout, *weight.shape[2:]), None, opts["stride"],
+            plain = not need_mask and self.backend != "triton"  # ATen fuses the bias; relu keeps its output
+            y = F.conv2d(source, weight.reshape(members * cout, *weight.shape[2:]),
+                         bias.reshape(-1) if plain and bias is not None else None, opts["stride"],
                          opts["padding"], opts["dilation"], groups=1 if layout == "shared" else members)
-            spatial = y.shape[-1] * y.shape[-2]
-            out, mask = epilogue_op.stream_epilogue(
-                y.reshape(1, streams, -1), None if bias is None else bias.reshape(1, -1), spatial, layer.relu,
-                self.epilogue_launchers)
+            if plain:
+                out, mask = (torch.relu(y) if layer.relu else y), None
+            else:
+                out, mask = epilogue_op.stream_epilogue(
+                    y.reshape(1, streams, -1), None if bias is None else bias.reshape(1, -1),
+                    y.shape[-1] * y.shape[-2], layer.relu, self.epilogue_launchers)
             out = out.view(y.shape[0], members, cout, *y.shape[-2:])
             return out, "rows", (layout, source.shape, mask)
         if kind == "relu":

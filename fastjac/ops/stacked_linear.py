@@ -100,15 +100,34 @@ class StackedLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
-def stacked_linear(x, weight, bias=None, streams: int = 1, relu: bool = False, backend: str = "torch"):
+def stacked_linear_plain(x, weight, bias, relu: bool) -> torch.Tensor:
+    """The primal rows alone, no mask kept: ATen's addmm/baddbmm fuse the bias into the product and
+    relu's autograd keeps its own output, exactly like a loop of nn.Linear, batched. [M, R, OUT]."""
+    m, out_features, fan_in = weight.shape
+    if x.dim() == 2:  # one GEMM for every member: [R, IN] x [IN, M*OUT]
+        flat = weight.reshape(m * out_features, fan_in).t()
+        y = x @ flat if bias is None else torch.addmm(bias.reshape(-1), x, flat)
+        y = y.view(-1, m, out_features).transpose(0, 1).contiguous()
+    else:
+        y = torch.bmm(x, weight.transpose(1, 2)) if bias is None else \
+            torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    return torch.relu(y) if relu else y
+
+
+def stacked_linear(x, weight, bias=None, streams: int = 1, relu: bool = False, backend: str = "torch",
+                   need_mask: bool = True):
     """Differentiable stacked Linear + stream epilogue on ``backend``. Returns (out [M,R,OUT], mask).
 
-    With frozen parameters (weight without grad, e.g. during an attack) the product runs as a plain
-    ATen matmul, whose autograd computes the input gradient only: the fused backward would also form
-    the weight gradient nobody asked for.
+    Without tangent streams and without a caller for the mask (``need_mask=False``: inference, a plain
+    training step, an attack) the CPU backends run ``stacked_linear_plain``: nothing is left to fuse
+    that ATen does not already fuse. With frozen parameters (weight without grad) the product runs as a
+    plain ATen matmul, whose autograd computes the input gradient only: the fused backward would also
+    form the weight gradient nobody asked for.
     """
+    _check(x, weight, bias, streams)
+    if streams == 1 and not need_mask and backend != "triton":
+        return stacked_linear_plain(x, weight, bias, relu), None
     if not weight.requires_grad and (bias is None or not bias.requires_grad):
-        _check(x, weight, bias, streams)
         y = _matmul(x, weight)
         m, rows, out_features = y.shape
         from fastjac.ops.stream_epilogue import launchers as epilogue_launchers, stream_epilogue

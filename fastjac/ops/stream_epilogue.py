@@ -34,15 +34,13 @@ def _check(y: torch.Tensor, bias: torch.Tensor | None, rep: int) -> None:
             raise TypeError(f"stream_epilogue: bias dtype {bias.dtype} differs from y dtype {y.dtype}")
 
 
-def _bias_view(bias: torch.Tensor, length: int, rep: int) -> torch.Tensor:
-    """bias [O, NB] -> [O, I/(NB*rep), NB, rep]-broadcastable view, flattened to [O, I] by the caller."""
-    o, nb = bias.shape
-    return bias.view(o, 1, nb, 1).expand(o, length // (nb * rep), nb, rep).reshape(o, length)
-
-
 def stream_epilogue_forward(y, bias, rep: int, relu: bool):
     _check(y, bias, rep)
-    primal = y[:, 0] if bias is None else y[:, 0] + _bias_view(bias, y.shape[2], rep)
+    o, _, length = y.shape
+    primal = y[:, 0]
+    if bias is not None:  # broadcast [O, NB] over the (I / (NB*rep), rep) positions, no expanded copy
+        nb = bias.shape[1]
+        primal = (primal.reshape(o, length // (nb * rep), nb, rep) + bias.view(o, 1, nb, 1)).view(o, length)
     if not relu:
         out = y.clone()
         out[:, 0] = primal
