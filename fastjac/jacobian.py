@@ -30,7 +30,8 @@ def make_projections(mode: str, nproj: int, x_shape, classes: int, *, generator=
     return reference.gaussian_projections(nproj, x_shape, generator=generator, dtype=dtype, device=device)
 
 
-def _check_projections(projections: torch.Tensor, mode: str, x_shape, classes: int | None) -> None:
+def _check_projections(projections: torch.Tensor, mode: str, x_shape, classes: int | None, values: bool = True) -> None:
+    """Shapes always; with ``values``, also unit rows (vjp) and finite entries (a scan of the tensor)."""
     expected = "[nproj, B, C]" if mode == "vjp" else "[nproj, B, *input]"
     if projections.dim() < 3 or projections.shape[1] != x_shape[0]:
         raise ValueError(f"projections for mode={mode!r} must be {expected} with B={x_shape[0]}, "
@@ -38,9 +39,11 @@ def _check_projections(projections: torch.Tensor, mode: str, x_shape, classes: i
     if mode == "jvp" and tuple(projections.shape[1:]) != tuple(x_shape):
         raise ValueError(f"projections for mode='jvp' must be [nproj, {', '.join(map(str, x_shape))}], "
                          f"got {tuple(projections.shape)}")
+    if mode == "vjp" and classes is not None and projections.shape[2] != classes:
+        raise ValueError(f"projections for mode='vjp' must be [nproj, B, C={classes}], got {tuple(projections.shape)}")
+    if not values:
+        return
     if mode == "vjp":
-        if classes is not None and projections.shape[2] != classes:
-            raise ValueError(f"projections for mode='vjp' must be [nproj, B, C={classes}], got {tuple(projections.shape)}")
         norms = projections.norm(dim=-1)
         if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
             raise ValueError("projections for mode='vjp' must have unit rows (Hoffman's estimator scales by C)")
@@ -50,14 +53,21 @@ def _check_projections(projections: torch.Tensor, mode: str, x_shape, classes: i
 
 def penalty_and_logits(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mode: str = "vjp",
                        target: str = "members", projections: torch.Tensor | None = None,
-                       backend: str | None = None, per_member: bool = False, generator=None):
+                       backend: str | None = None, per_member: bool = False, generator=None,
+                       check_values: bool = True):
     """(member logits [M, B, C], penalty [M] or scalar) in one pass: what a JR training step needs.
 
     A single module counts as M = 1 and gets a scalar penalty; so does target="ensemble".
+    ``check_values=False`` skips the scan of x (and of the caller's projections) for NaN/inf: for a
+    caller such as ``train`` that has checked the whole data set once already.
     """
     check_choice(mode, MODES, "mode")
     check_choice(target, TARGETS, "target")
-    check_inputs(x, "x")
+    if check_values:
+        check_inputs(x, "x")
+    if projections is not None:
+        _check_projections(projections, mode if mode != "exact" else "vjp",
+                           tuple(x.shape[1:]) if per_member else tuple(x.shape), None, check_values)
     if mode != "exact":
         check_nproj(nproj, mode)
     is_ensemble = isinstance(model, Ensemble)
@@ -84,7 +94,6 @@ def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_
     if mode == "jvp":
         u = projections if projections is not None else make_projections(
             "jvp", nproj, shared_shape, 0, generator=generator, dtype=x.dtype, device=x.device)
-        _check_projections(u, "jvp", shared_shape, None)
         logits, tangents, _ = run.forward(x, u, per_member=per_member)
         streams = tangents.mean(0, keepdim=True) if target == "ensemble" else tangents  # J_ens u = mean_m J_m u
         return logits, streams.pow(2).sum(dim=(1, 2, 3)) / (u.shape[0] * batch)
@@ -97,7 +106,8 @@ def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_
         v = torch.eye(classes, dtype=x.dtype, device=x.device).unsqueeze(1).expand(classes, batch, classes)
         scale = 1.0 / batch
     else:
-        _check_projections(projections, "vjp", shared_shape, classes)
+        if projections.shape[2] != classes:
+            raise ValueError(f"projections for mode='vjp' must be [nproj, B, C={classes}], got {tuple(projections.shape)}")
         v, scale = projections, classes / (projections.shape[0] * batch)
     g = run.cotangent(tape, v, batch)  # [M, P, B, *input]
     if target == "ensemble":
@@ -123,11 +133,8 @@ def _reference_penalty(model, x, mode, nproj, target, projections, per_member, s
         if mode == "exact":
             penalties.append(reference.penalty_exact(f, member_x))
         elif mode == "jvp":
-            _check_projections(projections, "jvp", shared_shape, None)
             penalties.append(reference.penalty_jvp(f, member_x, projections))
         else:
-            if projections is not None:
-                _check_projections(projections, "vjp", shared_shape, None)
             penalties.append(reference.penalty_vjp(f, member_x, projections))
     if isinstance(model, Ensemble):
         logits = model.member_logits(x, per_member=per_member)

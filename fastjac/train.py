@@ -50,6 +50,16 @@ def _lambdas(jr_lambda, members: int, target: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
+def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused where torch has a fused kernel for these tensors: one pass over all parameters
+    instead of a chain of foreach ops (0.3 ms vs 4.5 ms per step for a 5-member 784-256-256-10 stack)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.Adam(params, lr=lr)
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator of one epoch: resuming at any epoch replays exactly the same randomness."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -97,7 +107,7 @@ def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: flo
     config = _config(batch_size=batch_size, lr=lr, jr_lambda=lambdas.tolist(), jr_target=jr_target, jr_mode=jr_mode,
                      nproj=nproj, seed=seed, member_data=member_data, members=members, samples=int(x.shape[0]))
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = make_optimizer(model.parameters(), lr)
     result = TrainResult(model)
     start_epoch = 0
     if checkpoint is not None and Path(checkpoint).exists():
@@ -124,7 +134,8 @@ def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: flo
             batch_y = y[index] if per_member else y[index[0]]
             if regularized:
                 logits, penalty = penalty_and_logits(model, batch_x, nproj=nproj, mode=jr_mode, target=jr_target,
-                                                     backend=backend, per_member=per_member, generator=generator)
+                                                     backend=backend, per_member=per_member, generator=generator,
+                                                     check_values=False)  # the whole data set was checked above
             else:
                 logits = model.member_logits(batch_x, per_member=per_member, backend=backend) if is_ensemble \
                     else model(batch_x).unsqueeze(0)
