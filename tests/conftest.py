@@ -17,3 +17,24 @@ def _seed():
     torch.manual_seed(0)
     yield
 
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a small
+    shared machine, intra-op threads only spin against other processes. Module scope, so it is in force
+    for the module's fixtures too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    """Real Fashion-MNIST: (x_train, y_train, x_test, y_test)."""
+    import fastjac.data
+
+    x, y = fastjac.data.load("fashion-mnist", "train")
+    x_test, y_test = fastjac.data.load("fashion-mnist", "test")
+    return x, y, x_test, y_test

@@ -1,5 +1,14 @@
 """Test helpers shared by every test file."""
+import pytest
 import torch
+
+
+def needs_backend(name: str):
+    """Skip marker for tests of one backend, with the reason it cannot run here (e.g. extension not built)."""
+    from fastjac import backends
+
+    reason = backends._why_unavailable(name)
+    return pytest.mark.skipif(reason is not None, reason=f"backend {name!r} unavailable: {reason}")
 
 
 def assert_close(actual, expected, *, rtol, atol, name="value"):

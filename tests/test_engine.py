@@ -24,14 +24,7 @@ BACKENDS = [name for name in fastjac.backends.available() if name != "triton"]
 RTOL64 = 1e-10
 
 
-@pytest.fixture(scope="module", autouse=True)  # module scope: in force for module fixtures too
-def _one_thread():
-    """These tensors are tiny: on the shared 2-core machine, intra-op threads only spin against other
-    processes (measured: 5x slower wall time under load). One thread, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------- builders

@@ -11,13 +11,7 @@ F64 = torch.float64
 N, CHUNK = 50, 7  # 7 < 50 and does not divide it: the last chunk is short (50 = 7 * 7 + 1)
 
 
-@pytest.fixture(scope="module", autouse=True)  # module scope: in force for module fixtures too
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only spin against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ RTOL64 = 1e-10  # see the module docstring
 CLASSES = 4
 
 
-@pytest.fixture(scope="module", autouse=True)  # module scope: in force for module fixtures too
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only spin against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_mlp(seed=0, in_features=12, hidden=(9, 7), classes=CLASSES):

@@ -6,15 +6,12 @@ Shapes: x [R, IN] shared or [M, R, IN] per member, R = S*B (stream s = rows [s*B
 import pytest
 import torch
 
+import fastjac
 from fastjac.ops import stacked_linear as sl
 
-try:
-    from fastjac import _C  # noqa: F401  (torch is imported first: the extension links against it)
+from tests.helpers import needs_backend
 
-    CPP_MISSING = None
-except ImportError as error:
-    CPP_MISSING = f"fastjac._C cannot be imported: {error}"
-needs_cpp = pytest.mark.skipif(CPP_MISSING is not None, reason=str(CPP_MISSING))
+needs_cpp = needs_backend("cpp")
 
 F64, F32 = torch.float64, torch.float32
 IN = 6
@@ -184,18 +181,18 @@ def test_autograd_without_x_grad(backend):
 @pytest.mark.parametrize(
     "call,argument",
     [
-        (lambda: _C.stacked_linear_forward(torch.zeros(6, 4, dtype=torch.int64), torch.zeros(2, 3, 4), None, 2,
+        (lambda: fastjac._C.stacked_linear_forward(torch.zeros(6, 4, dtype=torch.int64), torch.zeros(2, 3, 4), None, 2,
                                            True), "x"),
-        (lambda: _C.stacked_linear_forward(torch.zeros(6, 4), torch.zeros(3, 4), None, 2, True), "weight"),
-        (lambda: _C.stacked_linear_forward(torch.zeros(6, 5), torch.zeros(2, 3, 4), None, 2, True), "x"),
-        (lambda: _C.stacked_linear_forward(torch.zeros(3, 6, 4), torch.zeros(2, 3, 4), None, 2, True), "x"),
-        (lambda: _C.stacked_linear_forward(torch.zeros(6, 4, dtype=F64), torch.zeros(2, 3, 4), None, 2, True), "x"),
-        (lambda: _C.stacked_linear_forward(torch.zeros(6, 4), torch.zeros(2, 3, 4), None, 4, True), "streams"),
-        (lambda: _C.stacked_linear_forward(torch.zeros(6, 4), torch.zeros(2, 3, 4), torch.zeros(2, 4), 2, True),
+        (lambda: fastjac._C.stacked_linear_forward(torch.zeros(6, 4), torch.zeros(3, 4), None, 2, True), "weight"),
+        (lambda: fastjac._C.stacked_linear_forward(torch.zeros(6, 5), torch.zeros(2, 3, 4), None, 2, True), "x"),
+        (lambda: fastjac._C.stacked_linear_forward(torch.zeros(3, 6, 4), torch.zeros(2, 3, 4), None, 2, True), "x"),
+        (lambda: fastjac._C.stacked_linear_forward(torch.zeros(6, 4, dtype=F64), torch.zeros(2, 3, 4), None, 2, True), "x"),
+        (lambda: fastjac._C.stacked_linear_forward(torch.zeros(6, 4), torch.zeros(2, 3, 4), None, 4, True), "streams"),
+        (lambda: fastjac._C.stacked_linear_forward(torch.zeros(6, 4), torch.zeros(2, 3, 4), torch.zeros(2, 4), 2, True),
          "bias"),
-        (lambda: _C.stacked_linear_backward(torch.zeros(2, 6, 4), torch.zeros(6, 4), torch.zeros(2, 3, 4), None, 2,
+        (lambda: fastjac._C.stacked_linear_backward(torch.zeros(2, 6, 4), torch.zeros(6, 4), torch.zeros(2, 3, 4), None, 2,
                                             False, True), "grad_out"),
-        (lambda: _C.stacked_linear_backward(torch.zeros(2, 6, 3), torch.zeros(6, 4), torch.zeros(2, 3, 4),
+        (lambda: fastjac._C.stacked_linear_backward(torch.zeros(2, 6, 3), torch.zeros(6, 4), torch.zeros(2, 3, 4),
                                             torch.zeros(2, 8, dtype=torch.bool), 2, False, True), "mask"),
     ],
 )

@@ -5,15 +5,12 @@ Layout: y [O, S, I] with I = Q*NB*rep; bias [O, NB]; the bias index of element i
 import pytest
 import torch
 
+import fastjac
 from fastjac.ops import stream_epilogue as se
 
-try:
-    from fastjac import _C  # noqa: F401  (torch is imported first: the extension links against it)
+from tests.helpers import needs_backend
 
-    CPP_MISSING = None
-except ImportError as error:
-    CPP_MISSING = f"fastjac._C cannot be imported: {error}"
-needs_cpp = pytest.mark.skipif(CPP_MISSING is not None, reason=str(CPP_MISSING))
+needs_cpp = needs_backend("cpp")
 
 F64, F32 = torch.float64, torch.float32
 
@@ -146,23 +143,23 @@ def test_launchers_selection():
 
 @needs_cpp
 def test_launchers_cpp_are_the_extension():
-    assert se.launchers("cpp") == (_C.stream_epilogue_forward, _C.stream_epilogue_backward)
+    assert se.launchers("cpp") == (fastjac._C.stream_epilogue_forward, fastjac._C.stream_epilogue_backward)
 
 
 @needs_cpp
 @pytest.mark.parametrize(
     "call,argument",
     [
-        (lambda: _C.stream_epilogue_forward(torch.zeros(2, 3, 10, dtype=torch.int64), None, 1, True), "y"),
-        (lambda: _C.stream_epilogue_forward(torch.zeros(2, 10), None, 1, True), "y"),
-        (lambda: _C.stream_epilogue_forward(torch.zeros(2, 10, 3).transpose(1, 2), None, 1, True), "y"),
-        (lambda: _C.stream_epilogue_forward(torch.zeros(2, 3, 10), torch.zeros(3, 5), 1, True), "bias"),
-        (lambda: _C.stream_epilogue_forward(torch.zeros(2, 3, 10), torch.zeros(2, 5, dtype=F64), 1, True), "bias"),
-        (lambda: _C.stream_epilogue_forward(torch.zeros(2, 3, 10), torch.zeros(2, 3), 1, True), "NB\\*rep"),
-        (lambda: _C.stream_epilogue_backward(torch.zeros(2, 3, 10), torch.zeros(2, 10), 5, 1, True), "mask"),
-        (lambda: _C.stream_epilogue_backward(torch.zeros(2, 3, 10), torch.zeros(2, 9, dtype=torch.bool), 5, 1, True),
+        (lambda: fastjac._C.stream_epilogue_forward(torch.zeros(2, 3, 10, dtype=torch.int64), None, 1, True), "y"),
+        (lambda: fastjac._C.stream_epilogue_forward(torch.zeros(2, 10), None, 1, True), "y"),
+        (lambda: fastjac._C.stream_epilogue_forward(torch.zeros(2, 10, 3).transpose(1, 2), None, 1, True), "y"),
+        (lambda: fastjac._C.stream_epilogue_forward(torch.zeros(2, 3, 10), torch.zeros(3, 5), 1, True), "bias"),
+        (lambda: fastjac._C.stream_epilogue_forward(torch.zeros(2, 3, 10), torch.zeros(2, 5, dtype=F64), 1, True), "bias"),
+        (lambda: fastjac._C.stream_epilogue_forward(torch.zeros(2, 3, 10), torch.zeros(2, 3), 1, True), "NB\\*rep"),
+        (lambda: fastjac._C.stream_epilogue_backward(torch.zeros(2, 3, 10), torch.zeros(2, 10), 5, 1, True), "mask"),
+        (lambda: fastjac._C.stream_epilogue_backward(torch.zeros(2, 3, 10), torch.zeros(2, 9, dtype=torch.bool), 5, 1, True),
          "mask"),
-        (lambda: _C.stream_epilogue_backward(torch.zeros(2, 3, 10, dtype=torch.int32), None, 5, 1, True), "grad_out"),
+        (lambda: fastjac._C.stream_epilogue_backward(torch.zeros(2, 3, 10, dtype=torch.int32), None, 5, 1, True), "grad_out"),
     ],
 )
 def test_cpp_errors_name_the_argument(call, argument):

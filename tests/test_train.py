@@ -12,20 +12,7 @@ from fastjac.train import epoch_generator
 from tests.helpers import assert_close
 
 
-@pytest.fixture(scope="module", autouse=True)  # module scope: in force for module fixtures too
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only spin against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def fashion():
-    x, y = fastjac.data.load("fashion-mnist", "train")
-    x_test, y_test = fastjac.data.load("fashion-mnist", "test")
-    return x, y, x_test, y_test
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_ensemble(seed, members=2, hidden=(16,)):

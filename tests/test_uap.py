@@ -14,20 +14,7 @@ TARGETS = [None, 3, None]
 STEP_DECAY = 0.8
 
 
-@pytest.fixture(scope="module", autouse=True)  # module scope: in force for module fixtures too
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only spin against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def fashion():
-    x, y = fastjac.data.load("fashion-mnist", "train")
-    x_test, y_test = fastjac.data.load("fashion-mnist", "test")
-    return x, y, x_test, y_test
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
