@@ -119,10 +119,11 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
                 losses = signs * ce.clamp(max=beta).mean(dim=1)  # [K]: each delta_k only sees its own term
                 (grad,) = torch.autograd.grad(losses.sum(), trial)
                 delta = uap_step.sign_step(delta, grad, step_t, eps_t, name)
-                result.losses.append(losses.detach().tolist())
+                result.losses.append(losses.detach())  # kept on the device: no sync per batch
     finally:
         model.train(was_training)
     if delta is None:
         raise ValueError("batches yielded no data")
     result.delta, result.seconds = delta, time.perf_counter() - started
+    result.losses = torch.stack(result.losses).tolist()
     return result
