@@ -250,6 +250,7 @@ def test_penalty_per_member_input(backend, arch, mode):
 def float32_atol(ref32, ref64):
     """4x the error of a plain float32 PyTorch run against float64 (the fast path may be a small multiple
     worse, STYLE.md 4), floored at 16 * eps32 * max|ref64| for outputs where float32 happens to be exact."""
+    ref32, ref64 = ref32.detach(), ref64.detach()
     plain_error = float((ref32.double() - ref64).abs().max())
     return 4 * plain_error + 16 * torch.finfo(F32).eps * float(ref64.abs().max())
 
