@@ -18,7 +18,6 @@ gradient is one plain backward: no double-backward graph.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastjac import __version__, _io, data, models
+from fastjac import __version__, data, models
 from fastjac.ensemble import Ensemble
 from fastjac.metrics import evaluate
 from fastjac.train import train

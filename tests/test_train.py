@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastjac
 from fastjac import Ensemble, jacobian_penalty, models, reference, train
 from fastjac.train import epoch_generator
 from tests.helpers import assert_close
