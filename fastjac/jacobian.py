@@ -103,8 +103,7 @@ def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_
         projections = make_projections("vjp", nproj, shared_shape, classes, generator=generator, dtype=x.dtype,
                                        device=x.device)
     if projections is None:  # exact: the C basis vectors, no scale factor
-        v = torch.eye(classes, dtype=x.dtype, device=x.device).unsqueeze(1).expand(classes, batch, classes)
-        scale = 1.0 / batch
+        v, scale = reference.basis_projections(batch, classes, dtype=x.dtype, device=x.device), 1.0 / batch
     else:
         if projections.shape[2] != classes:
             raise ValueError(f"projections for mode='vjp' must be [nproj, B, C={classes}], got {tuple(projections.shape)}")

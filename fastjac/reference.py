@@ -43,6 +43,11 @@ def sphere_projections(nproj: int, batch: int, classes: int, *, generator=None, 
     return v / v.norm(dim=-1, keepdim=True)
 
 
+def basis_projections(batch: int, classes: int, *, dtype=torch.float32, device="cpu"):
+    """The C standard basis vectors for every sample, ``[C, B, C]``: sum_c ||e_c^T J||^2 = ||J||_F^2."""
+    return torch.eye(classes, dtype=dtype, device=device).unsqueeze(1).expand(classes, batch, classes)
+
+
 def gaussian_projections(nproj: int, input_shape: Sequence[int], *, generator=None, dtype=torch.float32, device="cpu"):
     """u ``[nproj, B, *input]``: standard Gaussian directions in input space (``input_shape`` includes B)."""
     return torch.randn(nproj, *input_shape, generator=generator, dtype=dtype, device=device)
@@ -62,8 +67,7 @@ def penalty_vjp_outputs(x: torch.Tensor, logits: torch.Tensor, v: torch.Tensor |
     """``penalty_vjp`` for logits [B, C] already computed from ``x`` (which requires grad)."""
     batch, classes = logits.shape
     if v is None:  # the C basis vectors: sum_c ||e_c^T J||^2 = ||J||_F^2 exactly, no factor C
-        v = torch.eye(classes, dtype=logits.dtype, device=logits.device).unsqueeze(1).expand(classes, batch, classes)
-        scale = 1.0 / batch
+        v, scale = basis_projections(batch, classes, dtype=logits.dtype, device=logits.device), 1.0 / batch
     else:  # unbiased: E[C * ||v^T J||^2] = ||J||_F^2 for v uniform on the sphere; mean over nproj draws
         scale = classes / (v.shape[0] * batch)
     total = logits.new_zeros(())
