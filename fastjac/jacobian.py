@@ -65,9 +65,6 @@ def penalty_and_logits(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mod
     check_choice(target, TARGETS, "target")
     if check_values:
         check_inputs(x, "x")
-    if projections is not None:
-        _check_projections(projections, mode if mode != "exact" else "vjp",
-                           tuple(x.shape[1:]) if per_member else tuple(x.shape), None, check_values)
     if mode != "exact":
         check_nproj(nproj, mode)
     is_ensemble = isinstance(model, Ensemble)
@@ -76,6 +73,8 @@ def penalty_and_logits(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mod
     if per_member and target == "ensemble":
         raise ValueError("target='ensemble' needs one batch shared by all members (per_member=False)")
     shared_shape = tuple(x.shape[1:]) if per_member else tuple(x.shape)
+    if projections is not None:
+        _check_projections(projections, mode if mode != "exact" else "vjp", shared_shape, None, check_values)
 
     fused = None if mode == "exact" else fused_view(model)
     if fused is not None:
@@ -105,8 +104,7 @@ def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_
     if projections is None:  # exact: the C basis vectors, no scale factor
         v, scale = reference.basis_projections(batch, classes, dtype=x.dtype, device=x.device), 1.0 / batch
     else:
-        if projections.shape[2] != classes:
-            raise ValueError(f"projections for mode='vjp' must be [nproj, B, C={classes}], got {tuple(projections.shape)}")
+        _check_projections(projections, "vjp", shared_shape, classes, values=False)  # C is known only now
         v, scale = projections, classes / (projections.shape[0] * batch)
     g = run.cotangent(tape, v, batch)  # [M, P, B, *input]
     if target == "ensemble":

@@ -5,14 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from fastjac import backends, reference
+from fastjac import reference
 from fastjac.ensemble import Ensemble
 from fastjac.jacobian import jacobian_penalty, make_projections
 from fastjac.uap import sgd_uap
-from tests.helpers import assert_close
+from tests.helpers import assert_close, needs_backend
 
-if backends._why_unavailable("triton") is not None:
-    pytest.skip(f"triton backend unavailable: {backends._why_unavailable('triton')}", allow_module_level=True)
+pytestmark = needs_backend("triton")
 
 
 def tiny_mlp():

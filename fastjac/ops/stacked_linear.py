@@ -130,8 +130,6 @@ def stacked_linear(x, weight, bias=None, streams: int = 1, relu: bool = False, b
     if not weight.requires_grad and (bias is None or not bias.requires_grad):
         y = _matmul(x, weight)
         m, rows, out_features = y.shape
-        from fastjac.ops.stream_epilogue import launchers as epilogue_launchers, stream_epilogue
-
-        out, mask = stream_epilogue(y.view(m, streams, -1), bias, 1, relu, epilogue_launchers(backend))
+        out, mask = epi.stream_epilogue(y.view(m, streams, -1), bias, 1, relu, epi.launchers(backend))
         return out.view(m, rows, out_features), mask
     return StackedLinear.apply(x, weight, bias, streams, relu, backend)
