@@ -203,6 +203,17 @@ class Engine:
                 return None
         return None
 
+    def linear_chain(self):
+        """(weights, biases, relus) when the network is a chain of Linear(+ReLU) layers, with only
+        shape-free layers (Flatten, Identity, eval-mode Dropout) around them; else None. Such a chain's
+        JR quantities run as one autograd Function (``fastjac.ops.linear_chain``)."""
+        if self.first_linear() is None or any(layer.kind not in ("linear", "flatten", "identity", "dropout")
+                                               for layer in self.layers):
+            return None
+        chain = [layer for layer in self.layers if layer.kind == "linear"]
+        weights, biases = zip(*(self._weight_bias(layer) for layer in chain))
+        return list(weights), list(biases), tuple(layer.relu for layer in chain)
+
     def forward_perturbed(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Member logits [M, K*B, C] on clamp(x + delta_k, 0, 1) (row k*B + b), differentiable w.r.t.
         delta only. Where the network starts with a Linear, the perturbation is formed inside the first

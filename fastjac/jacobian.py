@@ -12,6 +12,7 @@ from torch import nn
 from fastjac import backends, engine, reference
 from fastjac._checks import check_choice, check_inputs, check_nproj
 from fastjac.ensemble import Ensemble, fused_view
+from fastjac.ops import linear_chain
 
 MODES = ("vjp", "jvp", "exact")
 TARGETS = ("members", "ensemble")
@@ -88,8 +89,15 @@ def penalty_and_logits(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mod
     return logits, penalty
 
 
+# Backends whose Linear products are ATen's GEMMs: for them a Linear(+ReLU) chain runs as one Function.
+CHAIN_BACKENDS = ("torch", "cpp", "cuda")
+
+
 def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_member, shared_shape, generator):
     batch = shared_shape[0]
+    chain = run.linear_chain() if run.backend in CHAIN_BACKENDS and not x.requires_grad else None
+    if chain is not None:
+        return _chain_penalty(chain, x, mode, nproj, target, projections, per_member, shared_shape, generator)
     if mode == "jvp":
         u = projections if projections is not None else make_projections(
             "jvp", nproj, shared_shape, 0, generator=generator, dtype=x.dtype, device=x.device)
@@ -110,6 +118,24 @@ def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_
     if target == "ensemble":
         g = g.mean(0, keepdim=True)
     return logits, scale * g.pow(2).flatten(1).sum(dim=1)
+
+
+def _chain_penalty(chain, x, mode, nproj, target, projections, per_member, shared_shape, generator):
+    weights, biases, relus = chain
+    batch, classes = shared_shape[0], weights[-1].shape[1]
+    if projections is None and not (mode == "vjp" and nproj == -1):
+        projections = make_projections(mode, nproj, shared_shape, classes, generator=generator, dtype=x.dtype,
+                                       device=x.device)
+    if mode == "vjp" and projections is None:  # exact: the C basis vectors, no scale factor
+        projections, scale = reference.basis_projections(batch, classes, dtype=x.dtype, device=x.device), 1.0 / batch
+    elif mode == "vjp":
+        _check_projections(projections, "vjp", shared_shape, classes, values=False)
+        scale = classes / (projections.shape[0] * batch)
+    else:
+        scale = 1.0 / (projections.shape[0] * batch)
+    spec = linear_chain.ChainSpec(mode, target, relus, tuple(bias is not None for bias in biases), scale)
+    inputs = x.flatten(2) if per_member else x.flatten(1)
+    return linear_chain.chain_penalty(spec, inputs, projections.flatten(2), weights, biases)
 
 
 def _reference_penalty(model, x, mode, nproj, target, projections, per_member, shared_shape, generator):

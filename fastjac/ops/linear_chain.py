@@ -1,0 +1,207 @@
+"""The JR training quantities of a stacked Linear(+ReLU) chain (an MLP) as one autograd Function.
+
+For a chain of L stacked Linear layers (weight [M, OUT, IN], optional bias [M, OUT], optional ReLU after
+each), ``chain_penalty`` returns what a JR training step needs, in one forward:
+
+    logits  [M, B, C]   the primal rows
+    penalty [M] (target "members") or [1] (target "ensemble": J_ens = mean_m J_m)
+        vjp: scale * ||v^T J_m||^2 summed over rows, v [P, B, C] (the cotangent chain, run transposed)
+        jvp: scale * ||J_m u||^2 summed over rows,   u [P, B, IN] (tangent rows next to the primal rows)
+
+and every parameter gradient by hand in backward, with the fewest products and no autograd graph:
+
+- ReLU masks are never materialized: the primal post-activations are kept (they are the next layer's
+  input anyway) and every masked product is ``threshold_backward(g, activation, 0)``, ATen's fused ReLU
+  backward (a product with a bool mask first casts the mask to float: one more pass per use).
+- vjp: each weight is used twice (forward and cotangent chain); its gradient is one product plus one
+  accumulating product (``baddbmm_``/``addmm_``), never a sum of two separately allocated gradients.
+- jvp: primal and tangent rows share every product, forward and backward (the tangents get no bias and
+  the primal's mask), so the step is a plain backward over (1 + P) * B rows.
+
+Versus the layer-by-layer engine under autograd (fastjac.engine) this removes the per-layer autograd
+nodes, the mask casts and the gradient accumulation passes; the products are the same ATen GEMMs
+(MKL/oneDNN on the CPU, cuBLAS on a GPU), so the torch, cpp and cuda backends all run it. Neither x nor
+the projections get a gradient (a training step needs none): callers with an input that requires grad
+use the engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_relu_backward = torch.ops.aten.threshold_backward.default  # g * (activation > 0), one fused pass
+_relu_backward_out = torch.ops.aten.threshold_backward.grad_input
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    mode: str                 # "vjp" | "jvp"
+    target: str               # "members" | "ensemble"
+    relus: tuple              # per layer: a ReLU follows
+    biases: tuple             # per layer: the layer has a bias
+    scale: float              # the estimator's factor (vjp: C / (P*B), or 1/B for the exact basis; jvp: 1/(P*B))
+
+
+def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """h [R, IN] (shared by the members) or [M, R, IN] -> h W_m^T (+ b_m): contiguous [M, R, OUT]."""
+    m, out_features, fan_in = weight.shape
+    if h.dim() == 2:  # one GEMM for every member: [R, IN] x [IN, M*OUT]
+        flat = weight.reshape(m * out_features, fan_in).t()
+        y = torch.mm(h, flat) if bias is None else torch.addmm(bias.reshape(-1), h, flat)
+        return y.view(h.shape[0], m, out_features).transpose(0, 1).contiguous()
+    if bias is None:
+        return torch.bmm(h, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+
+
+def _accumulate_weight_grad(grad_weight: torch.Tensor | None, grad_out: torch.Tensor, h: torch.Tensor):
+    """grad_weight (+)= grad_out^T h over rows; grad_out [M, R, OUT], h [R, IN] shared or [M, R, IN]."""
+    m, rows, out_features = grad_out.shape
+    if h.dim() == 2:  # shared input: one GEMM [M*OUT, R] x [R, IN]
+        lhs = grad_out.transpose(1, 2).reshape(m * out_features, rows)
+        if grad_weight is None:
+            return torch.mm(lhs, h).view(m, out_features, -1)
+        grad_weight.view(m * out_features, -1).addmm_(lhs, h)
+        return grad_weight
+    if grad_weight is None:
+        return torch.bmm(grad_out.transpose(1, 2), h)
+    return grad_weight.baddbmm_(grad_out.transpose(1, 2), h)
+
+
+def _masked(g: torch.Tensor, activation: torch.Tensor, streams: int) -> torch.Tensor:
+    """g [M, S*B, F] masked by the primal post-ReLU activation [M, B, F] (broadcast over the S streams)."""
+    m, rows, features = g.shape
+    if streams == 1:
+        return _relu_backward(g, activation, 0)
+    return _relu_backward(g.view(m, streams, -1, features), activation.unsqueeze(1), 0).view(m, rows, features)
+
+
+def _squared_norms(rows: torch.Tensor, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penalty sum of squares per member [M] or of the member mean [1], the tensor that was squared)."""
+    if target == "ensemble":
+        rows = rows.mean(0, keepdim=True)
+    return rows.pow(2).flatten(1).sum(1), rows
+
+
+class ChainPenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec: ChainSpec, x, projections, *params):
+        weights, biases = _split(params, spec.biases)
+        streams = 1 if spec.mode == "vjp" else 1 + projections.shape[0]
+        batch = x.shape[-2]
+        members = weights[0].shape[0]
+        if spec.mode == "vjp":
+            h = x
+        elif x.dim() == 2:
+            h = torch.cat([x, projections.reshape(-1, x.shape[-1])])
+        else:
+            tangents = projections.reshape(1, -1, x.shape[-1]).expand(members, -1, -1)
+            h = torch.cat([x, tangents], dim=1)
+        inputs = []  # each layer's input: [R, IN] shared or [M, R, IN]; later ones double as ReLU masks
+        for weight, bias, relu in zip(weights, biases, spec.relus):
+            inputs.append(h)
+            if streams == 1:
+                z = _linear(h, weight, bias)
+                if relu:
+                    z.relu_()
+            else:  # bias and ReLU on the primal rows; the tangent rows take the primal's mask
+                z = _linear(h, weight, None)
+                primal = z[:, :batch]
+                if bias is not None:
+                    primal.add_(bias.unsqueeze(1))
+                if relu:
+                    primal.relu_()
+                    tangent = z[:, batch:].view(members, streams - 1, batch, -1)
+                    _relu_backward_out(tangent, primal.unsqueeze(1), 0, grad_input=tangent)
+            h = z
+        out = h.view(members, streams, batch, -1)
+        logits = out[:, 0]
+        if spec.mode == "jvp":
+            penalty, squared = _squared_norms(out[:, 1:], spec.target)
+            ctx.save_for_backward(*inputs, h, squared, *weights)
+            ctx.spec, ctx.layers = spec, len(weights)
+            return logits, spec.scale * penalty
+        # vjp: the cotangent chain v -> v^T J_m, masks from the primal post-activations
+        rows = projections.shape[0] * batch
+        c = projections.reshape(1, rows, -1).expand(members, -1, -1)
+        masked = [None] * len(weights)  # each layer's cotangent at its pre-activation
+        for index in reversed(range(len(weights))):
+            if spec.relus[index]:
+                c = _masked(c, inputs[index + 1] if index + 1 < len(weights) else h, projections.shape[0])
+            masked[index] = c
+            c = torch.bmm(c, weights[index])  # [M, P*B, IN]
+        penalty, squared = _squared_norms(c, spec.target)
+        ctx.save_for_backward(*inputs, h, squared, *masked, *weights)
+        ctx.spec, ctx.layers = spec, len(weights)
+        return logits, spec.scale * penalty
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_penalty):
+        spec, layers = ctx.spec, ctx.layers
+        saved = ctx.saved_tensors
+        inputs, output, squared = saved[:layers], saved[layers], saved[layers + 1]
+        weights = saved[-layers:]
+        activations = list(inputs[1:]) + [output]  # post-activation of layer l (primal rows first)
+        members, batch = grad_logits.shape[:2]
+        # d penalty / d squared rows; the ensemble target's mean spreads it evenly over the members
+        factor = 2.0 * spec.scale / (members if spec.target == "ensemble" else 1)
+        grad_squared = (factor * grad_penalty.view(-1, *([1] * (squared.dim() - 1)))) * squared
+        grad_weights = [None] * layers
+        grad_biases = [None] * layers
+        if spec.mode == "vjp":
+            masked = saved[layers + 2:layers + 2 + layers]
+            nproj = squared.shape[1] // batch
+            grad_c = grad_squared.expand(members, *squared.shape[1:])  # d penalty / d (v^T J_m)
+            for index in range(layers):  # the cotangent chain, transposed again: input side first
+                grad_weights[index] = torch.bmm(masked[index].transpose(1, 2), grad_c)
+                if index + 1 < layers:
+                    grad_c = torch.bmm(grad_c, weights[index].transpose(1, 2))
+                    if spec.relus[index]:
+                        grad_c = _masked(grad_c, activations[index], nproj)
+            grad_z = grad_logits
+            streams = 1
+        else:
+            streams = squared.shape[1] + 1
+            grad_z = torch.cat([grad_logits.unsqueeze(1), grad_squared.expand(members, *squared.shape[1:])], 1)
+            grad_z = grad_z.view(members, streams * batch, -1)
+        if spec.relus[-1]:
+            grad_z = _masked(grad_z, activations[-1][:, :batch], streams)
+        for index in reversed(range(layers)):
+            grad_weights[index] = _accumulate_weight_grad(grad_weights[index], grad_z, inputs[index])
+            if spec.biases[index]:
+                grad_biases[index] = grad_z[:, :batch].sum(1)
+            if index > 0:
+                grad_h = torch.bmm(grad_z, weights[index])
+                if spec.relus[index - 1]:
+                    grad_h = _masked(grad_h, activations[index - 1][:, :batch], streams)
+                grad_z = grad_h
+        return (None, None, None, *_join(grad_weights, grad_biases, spec.biases))
+
+
+def _split(params, has_bias):
+    weights, biases, position = [], [], 0
+    for bias in has_bias:
+        weights.append(params[position])
+        biases.append(params[position + 1] if bias else None)
+        position += 2 if bias else 1
+    return weights, biases
+
+
+def _join(weights, biases, has_bias):
+    joined = []
+    for weight, bias, flag in zip(weights, biases, has_bias):
+        joined.append(weight)
+        if flag:
+            joined.append(bias)
+    return joined
+
+
+def chain_penalty(spec: ChainSpec, x: torch.Tensor, projections: torch.Tensor, weights, biases):
+    """(logits [M, B, C], penalty [M] or [1]) of the stacked chain; see the module docstring.
+
+    x: [B, IN] shared by the members or [M, B, IN]; projections: v [P, B, C] (vjp) or u [P, B, IN] (jvp).
+    Differentiable w.r.t. the weights and biases only.
+    """
+    params = _join(weights, biases, spec.biases)
+    return ChainPenalty.apply(spec, x.contiguous(), projections.contiguous(), *params)

@@ -1,0 +1,148 @@
+"""The Linear(+ReLU) chain Function (fastjac.ops.linear_chain): float64 gradcheck of its hand-written
+backward, and chains of every shape the engine hands it (bias-free layers, a ReLU after the last layer,
+shape-free layers in between, one layer) against fastjac.reference on the unstacked members.
+
+The MLP cases of tests/test_engine.py run through this Function as well (backends torch and cpp); here
+it is also checked that they do, and the layer-by-layer engine path is kept under test for MLPs.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fastjac import Ensemble, jacobian_penalty, jacobian
+from fastjac.jacobian import penalty_and_logits
+from fastjac.ops import linear_chain
+from tests.helpers import assert_close
+from tests.test_engine import (BACKENDS, F64, RTOL64, assert_grads_close, engine_grads, make_input,
+                               make_projections, reference_grads, reference_penalty, upstream)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def chain_inputs(members, widths, batch, relus, biases, per_member, seed=0, margin=1e-3):
+    """x, weights, biases in float64 whose primal pre-activations all stay ``margin`` away from the ReLU
+    kink, so gradcheck's perturbations (1e-6) never cross it."""
+    for attempt in range(seed, seed + 1000):
+        g = torch.Generator().manual_seed(attempt)
+        x = torch.randn((members, batch, widths[0]) if per_member else (batch, widths[0]), generator=g, dtype=F64)
+        weights = [torch.randn(members, out, fan_in, generator=g, dtype=F64)
+                   for fan_in, out in zip(widths[:-1], widths[1:])]
+        bias_list = [torch.randn(members, w.shape[1], generator=g, dtype=F64) if has else None
+                     for w, has in zip(weights, biases)]
+        h, closest = x if per_member else x.expand(members, -1, -1), float("inf")
+        for weight, bias, relu in zip(weights, bias_list, relus):
+            h = torch.bmm(h, weight.transpose(1, 2)) + (0 if bias is None else bias.unsqueeze(1))
+            closest = min(closest, float(h.abs().min()))
+            h = h.relu() if relu else h
+        if closest > margin:
+            return x, weights, bias_list
+    raise AssertionError("no seed kept the pre-activations away from the ReLU kink")
+
+
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+@pytest.mark.parametrize("target", ["members", "ensemble"])
+@pytest.mark.parametrize("per_member", [False, True])
+@pytest.mark.parametrize("relus,biases", [((True, False), (True, True)), ((False, True, True), (False, True, False))])
+def test_gradcheck_float64(mode, target, per_member, relus, biases):
+    members, batch, nproj = 2, 3, 2
+    widths = (4, 5, 3) if len(relus) == 2 else (4, 3, 5, 3)
+    x, weights, bias_list = chain_inputs(members, widths, batch, relus, biases, per_member)
+    g = torch.Generator().manual_seed(7)
+    projections = (torch.randn(nproj, batch, widths[-1], generator=g, dtype=F64) if mode == "vjp"
+                   else torch.randn(nproj, batch, widths[0], generator=g, dtype=F64))
+    spec = linear_chain.ChainSpec(mode, target, relus, biases, 0.7)
+    params = [p.requires_grad_() for p in weights + [b for b in bias_list if b is not None]]
+    count = len(weights)
+
+    def f(*flat):
+        ws, bs, rest = list(flat[:count]), [], list(flat[count:])
+        for has in biases:
+            bs.append(rest.pop(0) if has else None)
+        return linear_chain.chain_penalty(spec, x, projections, ws, bs)
+
+    assert torch.autograd.gradcheck(f, params)
+
+
+def odd_chain():
+    """Bias-free first layer, Identity and eval-mode Dropout between layers, a Flatten after a Linear, and a
+    ReLU after the last layer."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 6, bias=False), nn.ReLU(), nn.Identity(),
+                         nn.Linear(6, 5), nn.Dropout(0.2), nn.Flatten(), nn.Linear(5, 4), nn.ReLU())
+
+
+def single_linear():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 3))
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name in jacobian.CHAIN_BACKENDS])
+@pytest.mark.parametrize("build", [odd_chain, single_linear])
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+@pytest.mark.parametrize("target", ["members", "ensemble"])
+def test_chains_match_reference_float64(backend, build, mode, target):
+    torch.manual_seed(0)
+    mods = [build().to(F64).eval() for _ in range(3)]
+    ensemble = Ensemble(copy.deepcopy(mods)).eval()
+    x = make_input(4)
+    classes = mods[0][-1].out_features if isinstance(mods[0][-1], nn.Linear) else mods[0][-2].out_features
+    projections = make_projections(mode, 2, x, classes)
+    value = jacobian_penalty(ensemble, x, nproj=2, mode=mode, target=target, projections=projections,
+                             backend=backend)
+    assert "ChainPenaltyBackward" in _grad_fn_names(value)
+    expected = reference_penalty(mods, x, mode, target, projections)
+    assert float(expected.detach().abs().min()) > 0
+    assert_close(value, expected, rtol=RTOL64, atol=0, name=f"{build.__name__} {mode}/{target} penalty")
+    w = upstream(3, F64) if target == "members" else upstream(1, F64)[0]
+    assert_grads_close(engine_grads(ensemble, (w * value).sum()), reference_grads(mods, (w * expected).sum()),
+                       rtol=RTOL64, atol_scale=RTOL64, name=f"{build.__name__} {mode}/{target} penalty")
+
+
+def _grad_fn_names(tensor):
+    names, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+def test_mlp_takes_the_chain_path_and_the_engine_path_agrees(monkeypatch, mode):
+    """An MLP on torch runs the chain Function; with it switched off, the layer-by-layer engine (the
+    Triton backend's path for MLPs) gives the same logits, penalty and gradients."""
+    torch.manual_seed(0)
+    mods = [nn.Sequential(nn.Flatten(), nn.Linear(784, 7), nn.ReLU(), nn.Linear(7, 5), nn.ReLU(),
+                          nn.Linear(5, 10)).to(F64) for _ in range(3)]
+    ensemble = Ensemble(mods).eval()
+    x = make_input(3)
+    projections = make_projections(mode, 2, x, 10)
+
+    def run():
+        logits, penalty = penalty_and_logits(ensemble, x, mode=mode, projections=projections, backend="torch")
+        value = (upstream(3, F64) * penalty).sum() + logits.square().mean()
+        return logits, penalty, engine_grads(ensemble, value), _grad_fn_names(penalty)
+
+    logits, penalty, grads, names = run()
+    assert "ChainPenaltyBackward" in names
+    monkeypatch.setattr(jacobian, "CHAIN_BACKENDS", ())
+    engine_logits, engine_penalty, engine_grads_, engine_names = run()
+    assert "ChainPenaltyBackward" not in engine_names
+    assert_close(logits, engine_logits, rtol=RTOL64, atol=0, name="logits")
+    assert_close(penalty, engine_penalty, rtol=RTOL64, atol=0, name="penalty")
+    assert_grads_close(grads, engine_grads_, rtol=RTOL64, atol_scale=RTOL64, name=f"{mode} chain vs engine")
+
+
+def test_input_that_requires_grad_takes_the_engine():
+    """The chain Function forms no input gradient: such a call goes to the engine, whose logits are
+    differentiable w.r.t. x (the penalty of a piecewise-linear network has a zero x-gradient a.e.)."""
+    torch.manual_seed(0)
+    ensemble = Ensemble([nn.Sequential(nn.Flatten(), nn.Linear(784, 5), nn.ReLU(), nn.Linear(5, 3)).to(F64)
+                         for _ in range(2)]).eval()
+    x = make_input(2).requires_grad_()
+    logits, penalty = penalty_and_logits(ensemble, x, mode="jvp", projections=make_projections("jvp", 1, x, 3),
+                                         backend="torch")
+    assert "ChainPenaltyBackward" not in _grad_fn_names(penalty)
+    (grad,) = torch.autograd.grad(logits.sum(), x)
+    assert grad.abs().sum() > 0
