@@ -2,7 +2,9 @@
 
 The penalty is the mean over the batch of an estimate of ||J(x_b)||_F^2 (DESIGN.md). Ensembles of
 fused architectures and fused single modules run on the stacked engine (one pass, no double
-backward); anything else, and mode="exact", runs on ``fastjac.reference``.
+backward); a chain of Linear(+ReLU) layers on a backend whose products are ATen GEMMs runs as one
+Function with a hand-written backward (``fastjac.ops.linear_chain``, ~11% faster on the vjp step);
+anything else, and mode="exact", runs on ``fastjac.reference``.
 """
 from __future__ import annotations
 
