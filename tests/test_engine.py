@@ -138,6 +138,20 @@ def assert_grads_close(actual, expected, *, rtol, atol_scale, name):
         assert_close(actual[key], expected[key], rtol=rtol, atol=atol, name=f"{name} d/d{key}")
 
 
+def assert_penalty_matches_reference(mods, ensemble, x, mode, target, projections, backend, label):
+    """The fast penalty of ``ensemble`` (float64 copies of ``mods``) equals the reference estimator on the
+    unstacked members, and so do its gradients w.r.t. every parameter. Returns the fast penalty."""
+    value = jacobian_penalty(ensemble, x, nproj=projections.shape[0], mode=mode, target=target,
+                             projections=projections, backend=backend)
+    expected = reference_penalty(mods, x, mode, target, projections)
+    assert float(expected.detach().abs().min()) > 0, "degenerate case: a zero Jacobian tests nothing"
+    assert_close(value, expected, rtol=RTOL64, atol=0, name=f"{label} {mode}/{target} penalty")
+    w = upstream(len(mods), F64) if target == "members" else upstream(1, F64)[0]
+    assert_grads_close(engine_grads(ensemble, (w * value).sum()), reference_grads(mods, (w * expected).sum()),
+                       rtol=RTOL64, atol_scale=RTOL64, name=f"{label} {mode}/{target} penalty")
+    return value
+
+
 def upstream(count, dtype, seed=3):
     """One shared random upstream weight per member (so a swapped or dropped member shows up)."""
     g = torch.Generator().manual_seed(seed)
@@ -217,15 +231,8 @@ def test_penalty_other_layer_kinds_float64(backend, arch, mode, target):
     ensemble = Ensemble(copy.deepcopy(mods)).eval()
     assert ensemble.layers is not None
     x = make_input(3)
-    projections = make_projections(mode, 2, x, 5)
-    value = jacobian_penalty(ensemble, x, nproj=2, mode=mode, target=target, projections=projections,
-                             backend=backend)
-    expected = reference_penalty(mods, x, mode, target, projections)
-    assert float(expected.detach().abs().min()) > 0
-    assert_close(value, expected, rtol=RTOL64, atol=0, name=f"{arch} {mode}/{target} penalty")
-    w = upstream(3, F64) if target == "members" else upstream(1, F64)[0]
-    assert_grads_close(engine_grads(ensemble, (w * value).sum()), reference_grads(mods, (w * expected).sum()),
-                       rtol=RTOL64, atol_scale=RTOL64, name=f"{arch} {mode}/{target} penalty")
+    assert_penalty_matches_reference(mods, ensemble, x, mode, target, make_projections(mode, 2, x, 5), backend,
+                                     arch)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

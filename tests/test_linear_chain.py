@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from fastjac import Ensemble, jacobian_penalty, jacobian
+from fastjac import Ensemble, jacobian, jacobian_penalty
 from fastjac.jacobian import penalty_and_logits
 from fastjac.ops import linear_chain
 from tests.helpers import assert_close
-from tests.test_engine import (BACKENDS, F64, RTOL64, assert_grads_close, engine_grads, make_input,
-                               make_projections, reference_grads, reference_penalty, upstream)
+from tests.test_engine import (BACKENDS, F64, RTOL64, assert_grads_close, assert_penalty_matches_reference,
+                               engine_grads, make_input, make_projections, upstream)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,16 +86,9 @@ def test_chains_match_reference_float64(backend, build, mode, target):
     ensemble = Ensemble(copy.deepcopy(mods)).eval()
     x = make_input(4)
     classes = mods[0][-1].out_features if isinstance(mods[0][-1], nn.Linear) else mods[0][-2].out_features
-    projections = make_projections(mode, 2, x, classes)
-    value = jacobian_penalty(ensemble, x, nproj=2, mode=mode, target=target, projections=projections,
-                             backend=backend)
+    value = assert_penalty_matches_reference(mods, ensemble, x, mode, target,
+                                             make_projections(mode, 2, x, classes), backend, build.__name__)
     assert "ChainPenaltyBackward" in _grad_fn_names(value)
-    expected = reference_penalty(mods, x, mode, target, projections)
-    assert float(expected.detach().abs().min()) > 0
-    assert_close(value, expected, rtol=RTOL64, atol=0, name=f"{build.__name__} {mode}/{target} penalty")
-    w = upstream(3, F64) if target == "members" else upstream(1, F64)[0]
-    assert_grads_close(engine_grads(ensemble, (w * value).sum()), reference_grads(mods, (w * expected).sum()),
-                       rtol=RTOL64, atol_scale=RTOL64, name=f"{build.__name__} {mode}/{target} penalty")
 
 
 def _grad_fn_names(tensor):
