@@ -175,3 +175,35 @@ def fused_view(model: nn.Module):
         _warn_once("Dropout with p > 0 in training mode")
         return None
     return layers, {name: p.unsqueeze(0) for name, p in model.named_parameters()}
+
+
+def largest_activation(model: nn.Module, sample_shape) -> int:
+    """Elements in the largest output of a layer with weights, for ONE input row of shape ``sample_shape``,
+    summed over the members of an Ensemble: a dry run on the meta device (no data, no compute)."""
+    if isinstance(model, Ensemble):
+        template, members = model._template[0], model.num_members
+    else:
+        template, members = copy.deepcopy(model).to("meta"), 1
+    largest = 0
+
+    def record(module, inputs, output):
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel())
+
+    # layers with weights: their outputs (and the activations after them) are per member; the input rows
+    # before the first weight are shared by the members
+    hooks = [module.register_forward_hook(record) for module in template.modules()
+             if list(module.parameters(recurse=False))]
+    try:
+        with torch.no_grad():
+            template(torch.empty(1, *sample_shape, device="meta", dtype=_parameter_dtype(template)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return largest * members
+
+
+def _parameter_dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters()), torch.get_default_dtype())
+

@@ -48,9 +48,13 @@ def assert_matches_reference(delta, reference_delta, eps, name):
 
 # ------------------------------------------------------------------------------------ vs the reference
 @pytest.mark.parametrize("arch", ["mlp", "lenet"])
-def test_k_perturbations_match_reference_one_at_a_time(batches64, arch):
+@pytest.mark.parametrize("per_pass", [3, 2, 1])  # all K = 3 in one pass; passes of 2 + 1; one at a time
+def test_k_perturbations_match_reference_one_at_a_time(batches64, arch, per_pass, monkeypatch):
     members = make_members(arch)
     ensemble = Ensemble(copy.deepcopy(members))
+    batch_bytes = fastjac.ensemble.largest_activation(ensemble, (1, 28, 28)) * 8 * 16  # float64, B = 16
+    monkeypatch.setattr(fastjac.uap, "CPU_PASS_BYTES", batch_bytes * per_pass)
+    assert fastjac.uap.perturbations_per_pass(ensemble, batches64[0][0], len(EPS)) == per_pass
     result = sgd_uap(ensemble, batches64, eps=EPS, target=TARGETS, epochs=4)
     assert result.delta.shape == (3, 1, 28, 28) and result.delta.dtype == F64
     assert result.eps == EPS and result.targets == TARGETS
@@ -62,6 +66,18 @@ def test_k_perturbations_match_reference_one_at_a_time(batches64, arch):
         assert_matches_reference(result.delta[k], expected, eps, f"{arch} delta[{k}]")
         # the first batch's loss comes from delta = 0 in both: identical inputs, same float64 value
         assert result.losses[0][k] == pytest.approx(losses[0], rel=1e-12, abs=1e-12)
+
+
+def test_perturbations_per_pass_counts_member_activations():
+    """The largest output of a layer with weights, per member: here the first Linear's 20 units x 3
+    members x 4 bytes x B = 8 rows = 1920 bytes per perturbation."""
+    torch.manual_seed(0)
+    ensemble = Ensemble([torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 20), torch.nn.ReLU(),
+                                             torch.nn.Linear(20, 10)) for _ in range(3)])
+    x = torch.rand(8, 1, 28, 28)
+    assert fastjac.ensemble.largest_activation(ensemble, (1, 28, 28)) == 60
+    assert fastjac.uap.perturbations_per_pass(ensemble, x, 100) == min(100, fastjac.uap.CPU_PASS_BYTES // 1920)
+    assert fastjac.uap.perturbations_per_pass(ensemble, x.to("meta"), 7) == 7  # not the CPU: one pass
 
 
 def test_single_module_matches_reference(batches64):
