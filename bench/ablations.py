@@ -1,0 +1,73 @@
+"""Same-run ablations: a fastjac path against itself with one design decision switched off.
+
+    python bench/ablations.py chain [threads]       MLP JR step: Linear-chain Function vs layer-by-layer engine
+    python bench/ablations.py uap-passes [threads]  SGD-UAP, K = 4: passes sized to the cache vs one pass
+
+Both sides run in one process, interleaved (``fastjac.benchmark.measure_interleaved``), automatic backend.
+"""
+import sys
+from contextlib import contextmanager
+
+import torch
+
+from fastjac import benchmark, jacobian, uap
+
+
+@contextmanager
+def patched(module, name, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def switched_off(step, module, name, value):
+    def call():
+        with patched(module, name, value):
+            return step()
+    return call
+
+
+def chain() -> None:
+    """The engine path is what penalty_and_logits takes with the chain Function off (as on Triton)."""
+    steps = {}
+    for kind in ("jr_vjp", "jr_jvp"):
+        spec = benchmark.CaseSpec(kind, arch="mlp", members=5, backend="auto")
+        steps[f"{kind} chain"] = benchmark.build(spec)
+        steps[f"{kind} engine"] = switched_off(benchmark.build(spec), jacobian, "CHAIN_BACKENDS", ())
+    steps["reference"] = benchmark.build(benchmark.CaseSpec("reference_jr", arch="mlp", members=5, backend="-"))
+    ms = report(steps, repeats=40)
+    for kind in ("jr_vjp", "jr_jvp"):
+        chained, engine = ms[f"{kind} chain"], ms[f"{kind} engine"]
+        print(f"  {kind}: engine / chain {engine / chained:.3f}, reference / chain {ms['reference'] / chained:.2f}, "
+              f"reference / engine {ms['reference'] / engine:.2f}")
+
+
+def uap_passes() -> None:
+    """One pass is what sgd_uap does with an unbounded CPU_PASS_BYTES (as on a GPU)."""
+    for arch in ("lenet", "mlp"):
+        steps = {}
+        for k in (1, 4):
+            spec = benchmark.CaseSpec("uap", arch=arch, members=5, k=k, backend="auto")
+            steps[f"{arch} K={k} cache-sized"] = benchmark.build(spec)
+            steps[f"{arch} K={k} one pass"] = switched_off(benchmark.build(spec), uap, "CPU_PASS_BYTES", 2**62)
+        ms = report(steps, repeats=10 if arch == "lenet" else 30)
+        for way in ("cache-sized", "one pass"):
+            print(f"  {arch} {way}: K=4 / K=1 {ms[f'{arch} K=4 {way}'] / ms[f'{arch} K=1 {way}']:.2f}")
+
+
+def report(steps: dict, repeats: int) -> dict:
+    ms = {key: timing.median_s * 1e3 for key, timing in benchmark.measure_interleaved(steps, repeats=repeats).items()}
+    print(f"{torch.get_num_threads()} thread(s), median wall ms: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+    return ms
+
+
+if __name__ == "__main__":
+    ABLATIONS = {"chain": chain, "uap-passes": uap_passes}
+    if len(sys.argv) < 2 or sys.argv[1] not in ABLATIONS:
+        sys.exit(f"usage: python bench/ablations.py {{{'|'.join(ABLATIONS)}}} [threads]")
+    if len(sys.argv) > 2:
+        torch.set_num_threads(int(sys.argv[2]))
+    ABLATIONS[sys.argv[1]]()
