@@ -25,6 +25,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "    -> (grad_x like x | None, grad_weight [M,OUT,IN], grad_bias [M,OUT] | None)\n"
         "grad_x of a shared x [R,IN] is summed over the members.");
 
+  m.def("stacked_addmm_", &stacked_addmm_, py::arg("out"), py::arg("a"), py::arg("b"), py::arg("bias"),
+        py::arg("accumulate"),
+        "stacked_addmm_(out [M,P,Q], a [M,P,K], b [M,K,Q], bias [M,Q] | None, accumulate) -> out\n"
+        "out[m] = (bias[m] +) a[m] @ b[m], or out[m] += a[m] @ b[m] with accumulate; (member, row block)\n"
+        "tasks over the intra-op threads, each product single-threaded. a, b: any strides.");
+
 #ifdef FASTJAC_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   register_cuda_ops(m);

@@ -9,11 +9,11 @@ namespace fastjac {
 
 // ---- input checks: every message names the op and the argument, and says what was expected ----
 
-inline void check_cpu_float(const at::Tensor& t, const char* op, const char* name) {
+inline void check_cpu_float(const at::Tensor& t, const char* op, const char* name, bool contiguous = true) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
               " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(!contiguous || t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 inline void check_mask(const at::Tensor& mask, int64_t rows, int64_t cols, const char* op) {
@@ -66,6 +66,9 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> stream_epilogue_forward(
 
 std::tuple<at::Tensor, c10::optional<at::Tensor>> stream_epilogue_backward(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& mask, int64_t nb, int64_t rep, bool has_bias);
+
+at::Tensor stacked_addmm_(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
+                          const c10::optional<at::Tensor>& bias, bool accumulate);
 
 std::tuple<at::Tensor, c10::optional<at::Tensor>> stacked_linear_forward(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t streams,

@@ -99,7 +99,8 @@ def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_
     batch = shared_shape[0]
     chain = run.linear_chain() if run.backend in CHAIN_BACKENDS and not x.requires_grad else None
     if chain is not None:
-        return _chain_penalty(chain, x, mode, nproj, target, projections, per_member, shared_shape, generator)
+        return _chain_penalty(chain, run.backend, x, mode, nproj, target, projections, per_member, shared_shape,
+                              generator)
     if mode == "jvp":
         u = projections if projections is not None else make_projections(
             "jvp", nproj, shared_shape, 0, generator=generator, dtype=x.dtype, device=x.device)
@@ -122,7 +123,7 @@ def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_
     return logits, scale * g.pow(2).flatten(1).sum(dim=1)
 
 
-def _chain_penalty(chain, x, mode, nproj, target, projections, per_member, shared_shape, generator):
+def _chain_penalty(chain, backend, x, mode, nproj, target, projections, per_member, shared_shape, generator):
     weights, biases, relus = chain
     batch, classes = shared_shape[0], weights[-1].shape[1]
     if projections is None and not (mode == "vjp" and nproj == -1):
@@ -135,7 +136,7 @@ def _chain_penalty(chain, x, mode, nproj, target, projections, per_member, share
         scale = classes / (projections.shape[0] * batch)
     else:
         scale = 1.0 / (projections.shape[0] * batch)
-    spec = linear_chain.ChainSpec(mode, target, relus, tuple(bias is not None for bias in biases), scale)
+    spec = linear_chain.ChainSpec(mode, target, relus, tuple(bias is not None for bias in biases), scale, backend)
     inputs = x.flatten(2) if per_member else x.flatten(1)
     return linear_chain.chain_penalty(spec, inputs, projections.flatten(2), weights, biases)
 

@@ -20,6 +20,7 @@ stamp=.venv/.fastjac-build-stamp
 digest=$(cat setup.py pyproject.toml csrc/* | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] || ! .venv/bin/python -c "import fastjac" 2>/dev/null; then
     echo "setup: building fastjac and its C++ extension (a minute or two)"
+    rm -f fastjac/_C.*.so  # a failed build must not leave the previous extension importable
     MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install --quiet --disable-pip-version-check \
         --no-build-isolation --no-deps -e .
     echo "$digest" > "$stamp"

@@ -41,18 +41,21 @@ def chain_inputs(members, widths, batch, relus, biases, per_member, seed=0, marg
     raise AssertionError("no seed kept the pre-activations away from the ReLU kink")
 
 
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name in jacobian.CHAIN_BACKENDS])
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
 @pytest.mark.parametrize("target", ["members", "ensemble"])
 @pytest.mark.parametrize("per_member", [False, True])
 @pytest.mark.parametrize("relus,biases", [((True, False), (True, True)), ((False, True, True), (False, True, False))])
-def test_gradcheck_float64(mode, target, per_member, relus, biases):
+def test_gradcheck_float64(backend, mode, target, per_member, relus, biases):
+    """On 'cpp' the products are the extension's member-parallel ones (rows split into blocks when the
+    tests run with several threads: see test_member_parallel_products_match_aten)."""
     members, batch, nproj = 2, 3, 2
     widths = (4, 5, 3) if len(relus) == 2 else (4, 3, 5, 3)
     x, weights, bias_list = chain_inputs(members, widths, batch, relus, biases, per_member)
     g = torch.Generator().manual_seed(7)
     projections = (torch.randn(nproj, batch, widths[-1], generator=g, dtype=F64) if mode == "vjp"
                    else torch.randn(nproj, batch, widths[0], generator=g, dtype=F64))
-    spec = linear_chain.ChainSpec(mode, target, relus, biases, 0.7)
+    spec = linear_chain.ChainSpec(mode, target, relus, biases, 0.7, backend)
     params = [p.requires_grad_() for p in weights + [b for b in bias_list if b is not None]]
     count = len(weights)
 
@@ -139,3 +142,52 @@ def test_input_that_requires_grad_takes_the_engine():
     assert "ChainPenaltyBackward" not in _grad_fn_names(penalty)
     (grad,) = torch.autograd.grad(logits.sum(), x)
     assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("members,rows", [(5, 128), (1, 33), (4, 7)])
+def test_member_parallel_products_match_aten(threads, members, rows):
+    """stacked_addmm_ in every form the chain uses (shared and per-member inputs, bias, transposed
+    operands, accumulation) equals ATen's products, with rows split over 1 to 3 threads."""
+    pytest.importorskip("fastjac._C", reason="the C++ extension is not built")
+    from fastjac import _C
+
+    parallel = linear_chain.MemberParallelProducts(_C)
+    aten = linear_chain.ATenProducts
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(rows, 9, generator=g, dtype=F64)
+    per_member = torch.randn(members, rows, 9, generator=g, dtype=F64)
+    weight = torch.randn(members, 6, 9, generator=g, dtype=F64)
+    bias = torch.randn(members, 6, generator=g, dtype=F64)
+    grad_out = torch.randn(members, rows, 6, generator=g, dtype=F64)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for h in (shared, per_member):
+            for b in (None, bias):
+                assert_close(parallel.linear(h, weight, b), aten.linear(h, weight, b), rtol=1e-13, atol=1e-13,
+                             name=f"linear {h.dim()}-D input, bias {b is not None}")
+            assert_close(parallel.weight_grad(None, grad_out, h), aten.weight_grad(None, grad_out, h),
+                         rtol=1e-13, atol=1e-13, name="weight_grad")
+            start = torch.randn(members, 6, 9, generator=g, dtype=F64)
+            assert_close(parallel.weight_grad(start.clone(), grad_out, h), aten.weight_grad(start.clone(), grad_out, h),
+                         rtol=1e-13, atol=1e-13, name="weight_grad accumulated")
+        assert_close(parallel.matmul(grad_out, weight), aten.matmul(grad_out, weight), rtol=1e-13, atol=1e-13,
+                     name="matmul")
+        assert_close(parallel.matmul(grad_out.transpose(1, 2), per_member),
+                     aten.matmul(grad_out.transpose(1, 2), per_member), rtol=1e-13, atol=1e-13, name="matmul, transposed")
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_member_parallel_products_reject_bad_shapes():
+    pytest.importorskip("fastjac._C", reason="the C++ extension is not built")
+    from fastjac import _C
+
+    with pytest.raises(RuntimeError, match="shapes do not chain"):
+        _C.stacked_addmm_(torch.empty(2, 3, 4), torch.randn(2, 3, 5), torch.randn(2, 6, 4), None, False)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        _C.stacked_addmm_(torch.empty(2, 3, 4), torch.randn(2, 3, 5, dtype=F64), torch.randn(2, 5, 4), None, False)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        _C.stacked_addmm_(torch.empty(2, 3, 4), torch.randn(2, 3, 5), torch.randn(2, 5, 4), torch.randn(2, 5), False)
+

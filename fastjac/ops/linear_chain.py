@@ -41,32 +41,75 @@ class ChainSpec:
     relus: tuple              # per layer: a ReLU follows
     biases: tuple             # per layer: the layer has a bias
     scale: float              # the estimator's factor (vjp: C / (P*B), or 1/B for the exact basis; jvp: 1/(P*B))
+    backend: str = "torch"    # whose products: see ``products``
 
 
-def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """h [R, IN] (shared by the members) or [M, R, IN] -> h W_m^T (+ b_m): contiguous [M, R, OUT]."""
-    m, out_features, fan_in = weight.shape
-    if h.dim() == 2:  # one GEMM for every member: [R, IN] x [IN, M*OUT]
-        flat = weight.reshape(m * out_features, fan_in).t()
-        y = torch.mm(h, flat) if bias is None else torch.addmm(bias.reshape(-1), h, flat)
-        return y.view(h.shape[0], m, out_features).transpose(0, 1).contiguous()
-    if bias is None:
-        return torch.bmm(h, weight.transpose(1, 2))
-    return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+class ATenProducts:
+    """The chain's three kinds of product as ATen calls (bmm/baddbmm; one GEMM over [R, IN] x [IN, M*OUT]
+    for an input shared by the members)."""
 
+    @staticmethod
+    def linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """h [R, IN] (shared by the members) or [M, R, IN] -> h W_m^T (+ b_m): contiguous [M, R, OUT]."""
+        m, out_features, fan_in = weight.shape
+        if h.dim() == 2:
+            flat = weight.reshape(m * out_features, fan_in).t()
+            y = torch.mm(h, flat) if bias is None else torch.addmm(bias.reshape(-1), h, flat)
+            return y.view(h.shape[0], m, out_features).transpose(0, 1).contiguous()
+        if bias is None:
+            return torch.bmm(h, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
 
-def _accumulate_weight_grad(grad_weight: torch.Tensor | None, grad_out: torch.Tensor, h: torch.Tensor):
-    """grad_weight (+)= grad_out^T h over rows; grad_out [M, R, OUT], h [R, IN] shared or [M, R, IN]."""
-    m, rows, out_features = grad_out.shape
-    if h.dim() == 2:  # shared input: one GEMM [M*OUT, R] x [R, IN]
-        lhs = grad_out.transpose(1, 2).reshape(m * out_features, rows)
+    @staticmethod
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a, b)
+
+    @staticmethod
+    def weight_grad(grad_weight: torch.Tensor | None, grad_out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """grad_weight (+)= grad_out^T h over rows; grad_out [M, R, OUT], h [R, IN] shared or [M, R, IN]."""
+        m, rows, out_features = grad_out.shape
+        if h.dim() == 2:  # shared input: one GEMM [M*OUT, R] x [R, IN]
+            lhs = grad_out.transpose(1, 2).reshape(m * out_features, rows)
+            if grad_weight is None:
+                return torch.mm(lhs, h).view(m, out_features, -1)
+            grad_weight.view(m * out_features, -1).addmm_(lhs, h)
+            return grad_weight
         if grad_weight is None:
-            return torch.mm(lhs, h).view(m, out_features, -1)
-        grad_weight.view(m * out_features, -1).addmm_(lhs, h)
-        return grad_weight
-    if grad_weight is None:
-        return torch.bmm(grad_out.transpose(1, 2), h)
-    return grad_weight.baddbmm_(grad_out.transpose(1, 2), h)
+            return torch.bmm(grad_out.transpose(1, 2), h)
+        return grad_weight.baddbmm_(grad_out.transpose(1, 2), h)
+
+
+class MemberParallelProducts:
+    """The same products through the C++ extension's ``stacked_addmm_``: (member, row block) tasks over
+    the intra-op threads, each product single-threaded, operands passed as strided views (a shared input
+    as a stride-0 member dim, so no transposing copies)."""
+
+    def __init__(self, extension):
+        self.stacked_addmm_ = extension.stacked_addmm_
+
+    def linear(self, h, weight, bias):
+        m, out_features, _ = weight.shape
+        h = h.expand(m, *h.shape) if h.dim() == 2 else h
+        return self.stacked_addmm_(h.new_empty(m, h.shape[1], out_features), h, weight.transpose(1, 2), bias, False)
+
+    def matmul(self, a, b):
+        return self.stacked_addmm_(a.new_empty(a.shape[0], a.shape[1], b.shape[2]), a, b, None, False)
+
+    def weight_grad(self, grad_weight, grad_out, h):
+        h = h.expand(grad_out.shape[0], *h.shape) if h.dim() == 2 else h
+        if grad_weight is None:
+            return self.matmul(grad_out.transpose(1, 2), h)
+        return self.stacked_addmm_(grad_weight, grad_out.transpose(1, 2), h, None, True)
+
+
+def products(backend: str):
+    """The product implementation the chain uses on ``backend``: the C++ extension's member-parallel
+    products on 'cpp' (measured ~10% faster GEMMs at 2 threads, the same at 1), ATen's elsewhere."""
+    if backend == "cpp":
+        from fastjac import _C
+
+        return MemberParallelProducts(_C)
+    return ATenProducts
 
 
 def _masked(g: torch.Tensor, activation: torch.Tensor, streams: int) -> torch.Tensor:
@@ -88,6 +131,7 @@ class ChainPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: ChainSpec, x, projections, *params):
         weights, biases = _split(params, spec.biases)
+        ops = products(spec.backend)
         streams = 1 if spec.mode == "vjp" else 1 + projections.shape[0]
         batch = x.shape[-2]
         members = weights[0].shape[0]
@@ -102,11 +146,11 @@ class ChainPenalty(torch.autograd.Function):
         for weight, bias, relu in zip(weights, biases, spec.relus):
             inputs.append(h)
             if streams == 1:
-                z = _linear(h, weight, bias)
+                z = ops.linear(h, weight, bias)
                 if relu:
                     z.relu_()
             else:  # bias and ReLU on the primal rows; the tangent rows take the primal's mask
-                z = _linear(h, weight, None)
+                z = ops.linear(h, weight, None)
                 primal = z[:, :batch]
                 if bias is not None:
                     primal.add_(bias.unsqueeze(1))
@@ -130,7 +174,7 @@ class ChainPenalty(torch.autograd.Function):
             if spec.relus[index]:
                 c = _masked(c, inputs[index + 1] if index + 1 < len(weights) else h, projections.shape[0])
             masked[index] = c
-            c = torch.bmm(c, weights[index])  # [M, P*B, IN]
+            c = ops.matmul(c, weights[index])  # [M, P*B, IN]
         penalty, squared = _squared_norms(c, spec.target)
         ctx.save_for_backward(*inputs, h, squared, *masked, *weights)
         ctx.spec, ctx.layers = spec, len(weights)
@@ -139,6 +183,7 @@ class ChainPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logits, grad_penalty):
         spec, layers = ctx.spec, ctx.layers
+        ops = products(spec.backend)
         saved = ctx.saved_tensors
         inputs, output, squared = saved[:layers], saved[layers], saved[layers + 1]
         weights = saved[-layers:]
@@ -154,9 +199,9 @@ class ChainPenalty(torch.autograd.Function):
             nproj = squared.shape[1] // batch
             grad_c = grad_squared.expand(members, *squared.shape[1:])  # d penalty / d (v^T J_m)
             for index in range(layers):  # the cotangent chain, transposed again: input side first
-                grad_weights[index] = torch.bmm(masked[index].transpose(1, 2), grad_c)
+                grad_weights[index] = ops.matmul(masked[index].transpose(1, 2), grad_c)
                 if index + 1 < layers:
-                    grad_c = torch.bmm(grad_c, weights[index].transpose(1, 2))
+                    grad_c = ops.matmul(grad_c, weights[index].transpose(1, 2))
                     if spec.relus[index]:
                         grad_c = _masked(grad_c, activations[index], nproj)
             grad_z = grad_logits
@@ -168,11 +213,11 @@ class ChainPenalty(torch.autograd.Function):
         if spec.relus[-1]:
             grad_z = _masked(grad_z, activations[-1][:, :batch], streams)
         for index in reversed(range(layers)):
-            grad_weights[index] = _accumulate_weight_grad(grad_weights[index], grad_z, inputs[index])
+            grad_weights[index] = ops.weight_grad(grad_weights[index], grad_z, inputs[index])
             if spec.biases[index]:
                 grad_biases[index] = grad_z[:, :batch].sum(1)
             if index > 0:
-                grad_h = torch.bmm(grad_z, weights[index])
+                grad_h = ops.matmul(grad_z, weights[index])
                 if spec.relus[index - 1]:
                     grad_h = _masked(grad_h, activations[index - 1][:, :batch], streams)
                 grad_z = grad_h
