@@ -188,6 +188,9 @@ def test_member_parallel_products_reject_bad_shapes():
         _C.stacked_addmm_(torch.empty(2, 3, 4), torch.randn(2, 3, 5), torch.randn(2, 6, 4), None, False)
     with pytest.raises(RuntimeError, match="share one dtype"):
         _C.stacked_addmm_(torch.empty(2, 3, 4), torch.randn(2, 3, 5, dtype=F64), torch.randn(2, 5, 4), None, False)
+    with pytest.raises(RuntimeError, match="non-overlapping rows or columns"):  # rows repeated: stride 0
+        _C.stacked_addmm_(torch.empty(2, 3, 4), torch.randn(2, 1, 5).expand(2, 3, 5), torch.randn(2, 5, 4), None,
+                          False)
     with pytest.raises(RuntimeError, match="bias must be"):
         _C.stacked_addmm_(torch.empty(2, 3, 4), torch.randn(2, 3, 5), torch.randn(2, 5, 4), torch.randn(2, 5), False)
 
