@@ -88,6 +88,9 @@ class MemberParallelProducts:
         self.stacked_addmm_ = extension.stacked_addmm_
 
     def linear(self, h, weight, bias):
+        if h.dim() == 2 and torch.get_num_threads() == 1:
+            # one thread: ATen's single [R, IN] x [IN, M*OUT] GEMM measured ~6% faster than M products
+            return ATenProducts.linear(h, weight, bias)
         m, out_features, _ = weight.shape
         h = h.expand(m, *h.shape) if h.dim() == 2 else h
         return self.stacked_addmm_(h.new_empty(m, h.shape[1], out_features), h, weight.transpose(1, 2), bias, False)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from fastjac.ops import linear_chain
 from fastjac.ops import stream_epilogue as epi
 
 
@@ -101,10 +100,6 @@ class StackedLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
-def _differentiable(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def stacked_linear_plain(x, weight, bias, relu: bool) -> torch.Tensor:
     """The primal rows alone, no mask kept: ATen's addmm/baddbmm fuse the bias into the product and
     relu's autograd keeps its own output, exactly like a loop of nn.Linear, batched. [M, R, OUT]."""
@@ -125,16 +120,12 @@ def stacked_linear(x, weight, bias=None, streams: int = 1, relu: bool = False, b
 
     Without tangent streams and without a caller for the mask (``need_mask=False``: inference, a plain
     training step, an attack) the CPU backends run ``stacked_linear_plain``: nothing is left to fuse
-    that ATen does not already fuse. Where nothing needs a gradient (inference) the cpp backend runs
-    the extension's member-parallel products instead (``linear_chain.MemberParallelProducts``). With frozen parameters (weight without grad) the product runs as a
+    that ATen does not already fuse. With frozen parameters (weight without grad) the product runs as a
     plain ATen matmul, whose autograd computes the input gradient only: the fused backward would also
     form the weight gradient nobody asked for.
     """
     _check(x, weight, bias, streams)
     if streams == 1 and not need_mask and backend != "triton":
-        if backend == "cpp" and not _differentiable(x, weight, bias):  # inference: the member-parallel products
-            out = linear_chain.products(backend).linear(x, weight, bias)
-            return (out.relu_() if relu else out), None
         return stacked_linear_plain(x, weight, bias, relu), None
     if not weight.requires_grad and (bias is None or not bias.requires_grad):
         y = _matmul(x, weight)
