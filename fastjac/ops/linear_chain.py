@@ -14,15 +14,16 @@ and every parameter gradient by hand in backward, with the fewest products and n
   input anyway) and every masked product is ``threshold_backward(g, activation, 0)``, ATen's fused ReLU
   backward (a product with a bool mask first casts the mask to float: one more pass per use).
 - vjp: each weight is used twice (forward and cotangent chain); its gradient is one product plus one
-  accumulating product (``baddbmm_``/``addmm_``), never a sum of two separately allocated gradients.
+  accumulating product (``weight_grad`` into the first), never a sum of two separately allocated
+  gradients.
 - jvp: primal and tangent rows share every product, forward and backward (the tangents get no bias and
   the primal's mask), so the step is a plain backward over (1 + P) * B rows.
 
 Versus the layer-by-layer engine under autograd (fastjac.engine) this removes the per-layer autograd
-nodes, the mask casts and the gradient accumulation passes; the products are the same ATen GEMMs
-(MKL/oneDNN on the CPU, cuBLAS on a GPU), so the torch, cpp and cuda backends all run it. Neither x nor
-the projections get a gradient (a training step needs none): callers with an input that requires grad
-use the engine.
+nodes, the mask casts and the gradient accumulation passes. The products are ATen GEMMs (MKL on the
+CPU, cuBLAS on a GPU) on the torch and cuda backends, and the C++ extension's member-parallel BLAS
+calls on cpp (``products``). Neither x nor the projections get a gradient (a training step needs
+none): callers with an input that requires grad use the engine.
 """
 from __future__ import annotations
 
