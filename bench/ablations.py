@@ -10,7 +10,8 @@ from contextlib import contextmanager
 
 import torch
 
-from fastjac import benchmark, jacobian, uap
+from fastjac import benchmark, uap
+from fastjac.ops import linear_chain
 
 
 @contextmanager
@@ -36,7 +37,7 @@ def chain() -> None:
     for kind in ("jr_vjp", "jr_jvp"):
         spec = benchmark.CaseSpec(kind, arch="mlp", members=5, backend="auto")
         steps[f"{kind} chain"] = benchmark.build(spec)
-        steps[f"{kind} engine"] = switched_off(benchmark.build(spec), jacobian, "CHAIN_BACKENDS", ())
+        steps[f"{kind} engine"] = switched_off(benchmark.build(spec), linear_chain, "JR_BACKENDS", ())
     steps["reference"] = benchmark.build(benchmark.CaseSpec("reference_jr", arch="mlp", members=5, backend="-"))
     ms = report(steps, repeats=40)
     for kind in ("jr_vjp", "jr_jvp"):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastjac.ops import linear_chain
 from fastjac.ops import stacked_linear as linear_op
 from fastjac.ops import stream_epilogue as epilogue_op
 
@@ -171,6 +172,10 @@ class Engine:
         the pass also returns a Tape for ``cotangent`` (then ``tangents`` must be None).
         """
         batch = x.shape[1] if per_member else x.shape[0]
+        if tangents is None and not record and self._plain_chain(x):
+            weights, biases, relus = self.linear_chain()
+            return linear_chain.chain_logits(self.backend, x.flatten(2 if per_member else 1), weights, biases,
+                                             relus), None, None
         streams = 1 if tangents is None else 1 + tangents.shape[0]
         if tangents is None:
             h = x
@@ -202,6 +207,12 @@ class Engine:
             if layer.kind not in ("flatten", "identity", "dropout"):
                 return None
         return None
+
+    def _plain_chain(self, x: torch.Tensor) -> bool:
+        """A plain training pass of a Linear(+ReLU) chain runs as one Function on the backends that gain
+        from it (``linear_chain.PLAIN_BACKENDS``): parameters that need a gradient, an input that does not."""
+        return (self.backend in linear_chain.PLAIN_BACKENDS and torch.is_grad_enabled() and not x.requires_grad
+                and any(p.requires_grad for p in self.params.values()) and self.linear_chain() is not None)
 
     def linear_chain(self):
         """(weights, biases, relus) when the network is a chain of Linear(+ReLU) layers, with only

@@ -91,13 +91,9 @@ def penalty_and_logits(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mod
     return logits, penalty
 
 
-# Backends whose Linear products are ATen's GEMMs: for them a Linear(+ReLU) chain runs as one Function.
-CHAIN_BACKENDS = ("torch", "cpp", "cuda")
-
-
 def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_member, shared_shape, generator):
     batch = shared_shape[0]
-    chain = run.linear_chain() if run.backend in CHAIN_BACKENDS and not x.requires_grad else None
+    chain = run.linear_chain() if run.backend in linear_chain.JR_BACKENDS and not x.requires_grad else None
     if chain is not None:
         return _chain_penalty(chain, run.backend, x, mode, nproj, target, projections, per_member, shared_shape,
                               generator)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastjac import Ensemble, jacobian, jacobian_penalty
+from fastjac import Ensemble
 from fastjac.jacobian import penalty_and_logits
 from fastjac.ops import linear_chain
 from tests.helpers import assert_close
@@ -41,7 +41,7 @@ def chain_inputs(members, widths, batch, relus, biases, per_member, seed=0, marg
     raise AssertionError("no seed kept the pre-activations away from the ReLU kink")
 
 
-@pytest.mark.parametrize("backend", [name for name in BACKENDS if name in jacobian.CHAIN_BACKENDS])
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name in linear_chain.JR_BACKENDS])
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
 @pytest.mark.parametrize("target", ["members", "ensemble"])
 @pytest.mark.parametrize("per_member", [False, True])
@@ -79,7 +79,7 @@ def single_linear():
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 3))
 
 
-@pytest.mark.parametrize("backend", [name for name in BACKENDS if name in jacobian.CHAIN_BACKENDS])
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name in linear_chain.JR_BACKENDS])
 @pytest.mark.parametrize("build", [odd_chain, single_linear])
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
 @pytest.mark.parametrize("target", ["members", "ensemble"])
@@ -122,7 +122,7 @@ def test_mlp_takes_the_chain_path_and_the_engine_path_agrees(monkeypatch, mode):
 
     logits, penalty, grads, names = run()
     assert "ChainPenaltyBackward" in names
-    monkeypatch.setattr(jacobian, "CHAIN_BACKENDS", ())
+    monkeypatch.setattr(linear_chain, "JR_BACKENDS", ())
     engine_logits, engine_penalty, engine_grads_, engine_names = run()
     assert "ChainPenaltyBackward" not in engine_names
     assert_close(logits, engine_logits, rtol=RTOL64, atol=0, name="logits")
@@ -194,3 +194,50 @@ def test_member_parallel_products_reject_bad_shapes():
     with pytest.raises(RuntimeError, match="bias must be"):
         _C.stacked_addmm_(torch.empty(2, 3, 4), torch.randn(2, 3, 5), torch.randn(2, 5, 4), torch.randn(2, 5), False)
 
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name in linear_chain.JR_BACKENDS])
+@pytest.mark.parametrize("per_member", [False, True])
+@pytest.mark.parametrize("relus,biases", [((True, False), (True, True)), ((False, True, True), (False, True, False))])
+def test_chain_logits_gradcheck_float64(backend, per_member, relus, biases):
+    members, batch = 2, 3
+    widths = (4, 5, 3) if len(relus) == 2 else (4, 3, 5, 3)
+    x, weights, bias_list = chain_inputs(members, widths, batch, relus, biases, per_member)
+    params = [p.requires_grad_() for p in weights + [b for b in bias_list if b is not None]]
+    count = len(weights)
+
+    def f(*flat):
+        ws, rest = list(flat[:count]), list(flat[count:])
+        return linear_chain.chain_logits(backend, x, ws, [rest.pop(0) if has else None for has in biases], relus)
+
+    assert torch.autograd.gradcheck(f, params)
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name in linear_chain.PLAIN_BACKENDS])
+@pytest.mark.parametrize("per_member", [False, True])
+def test_plain_pass_takes_the_chain_and_matches_the_engine_and_the_members(monkeypatch, backend, per_member):
+    """A plain training pass of an MLP on a PLAIN_BACKENDS backend runs ChainLogits; its logits and
+    parameter gradients equal the layer-by-layer engine's and the unstacked members'."""
+    torch.manual_seed(0)
+    mods = [nn.Sequential(nn.Flatten(), nn.Linear(784, 6, bias=False), nn.ReLU(), nn.Identity(), nn.Linear(6, 5),
+                          nn.Flatten(), nn.Linear(5, 4), nn.ReLU()).to(F64) for _ in range(3)]
+    ensemble = Ensemble(copy.deepcopy(mods)).train()
+    x = torch.rand(3, 4, 1, 28, 28, dtype=F64) if per_member else make_input(4)
+
+    def run():
+        logits = ensemble.member_logits(x, per_member=per_member, backend=backend)
+        value = (upstream(3, F64).view(-1, 1, 1) * logits.square()).sum()
+        return logits, engine_grads(ensemble, value), _grad_fn_names(logits)
+
+    logits, grads, names = run()
+    assert "ChainLogitsBackward" in names
+    monkeypatch.setattr(linear_chain, "PLAIN_BACKENDS", ())
+    engine_logits, engine_grads_, engine_names = run()
+    assert "ChainLogitsBackward" not in engine_names
+    assert_close(logits, engine_logits, rtol=RTOL64, atol=0, name="logits")
+    assert_grads_close(grads, engine_grads_, rtol=RTOL64, atol_scale=RTOL64, name="plain chain vs engine")
+    member_logits = torch.stack([m(x[i] if per_member else x) for i, m in enumerate(mods)])
+    assert_close(logits, member_logits, rtol=RTOL64, atol=0, name="logits vs the members")
+    with torch.no_grad():  # inference stays on the engine
+        assert "ChainLogitsBackward" not in _grad_fn_names(ensemble.member_logits(x, per_member=per_member,
+                                                                                  backend=backend))
