@@ -1,6 +1,7 @@
 """Same-run ablations: a fastjac path against itself with one design decision switched off.
 
     python bench/ablations.py chain [threads]       MLP JR step: Linear-chain Function vs layer-by-layer engine
+    python bench/ablations.py plain [threads]       MLP plain step on cpp: ChainLogits vs layer-by-layer engine
     python bench/ablations.py uap-passes [threads]  SGD-UAP, K = 4: passes sized to the cache vs one pass
 
 Both sides run in one process, interleaved (``fastjac.benchmark.measure_interleaved``), automatic backend.
@@ -46,6 +47,17 @@ def chain() -> None:
               f"reference / engine {ms['reference'] / engine:.2f}")
 
 
+def plain() -> None:
+    """The engine path is what member_logits takes with the plain chain Function off."""
+    spec = benchmark.CaseSpec("plain", arch="mlp", members=5, backend="cpp")
+    steps = {"chain": benchmark.build(spec),
+             "engine": switched_off(benchmark.build(spec), linear_chain, "PLAIN_BACKENDS", ()),
+             "loop": benchmark.build(benchmark.CaseSpec("loop", arch="mlp", members=5, backend="-"))}
+    ms = report(steps, repeats=40)
+    print(f"  plain step: engine / chain {ms['engine'] / ms['chain']:.3f}, loop / chain {ms['loop'] / ms['chain']:.2f}, "
+          f"loop / engine {ms['loop'] / ms['engine']:.2f}")
+
+
 def uap_passes() -> None:
     """One pass is what sgd_uap does with an unbounded CPU_PASS_BYTES (as on a GPU)."""
     for arch in ("lenet", "mlp"):
@@ -66,7 +78,7 @@ def report(steps: dict, repeats: int) -> dict:
 
 
 if __name__ == "__main__":
-    ABLATIONS = {"chain": chain, "uap-passes": uap_passes}
+    ABLATIONS = {"chain": chain, "plain": plain, "uap-passes": uap_passes}
     if len(sys.argv) < 2 or sys.argv[1] not in ABLATIONS:
         sys.exit(f"usage: python bench/ablations.py {{{'|'.join(ABLATIONS)}}} [threads]")
     if len(sys.argv) > 2:
