@@ -172,8 +172,9 @@ class Engine:
         the pass also returns a Tape for ``cotangent`` (then ``tangents`` must be None).
         """
         batch = x.shape[1] if per_member else x.shape[0]
-        if tangents is None and not record and self._plain_chain(x):
-            weights, biases, relus = self.linear_chain()
+        chain = self._plain_chain(x) if tangents is None and not record else None
+        if chain is not None:
+            weights, biases, relus = chain
             return linear_chain.chain_logits(self.backend, x.flatten(2 if per_member else 1), weights, biases,
                                              relus), None, None
         streams = 1 if tangents is None else 1 + tangents.shape[0]
@@ -208,11 +209,14 @@ class Engine:
                 return None
         return None
 
-    def _plain_chain(self, x: torch.Tensor) -> bool:
-        """A plain training pass of a Linear(+ReLU) chain runs as one Function on the backends that gain
-        from it (``linear_chain.PLAIN_BACKENDS``): parameters that need a gradient, an input that does not."""
-        return (self.backend in linear_chain.PLAIN_BACKENDS and torch.is_grad_enabled() and not x.requires_grad
-                and any(p.requires_grad for p in self.params.values()) and self.linear_chain() is not None)
+    def _plain_chain(self, x: torch.Tensor):
+        """The chain (see ``linear_chain``) when a plain training pass runs as one Function: a Linear(+ReLU)
+        chain, a backend that gains from it (``linear_chain.PLAIN_BACKENDS``), parameters that need a
+        gradient and an input that does not. Else None."""
+        if (self.backend in linear_chain.PLAIN_BACKENDS and torch.is_grad_enabled() and not x.requires_grad
+                and any(p.requires_grad for p in self.params.values())):
+            return self.linear_chain()
+        return None
 
     def linear_chain(self):
         """(weights, biases, relus) when the network is a chain of Linear(+ReLU) layers, with only
