@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastjac.ops.stacked_linear import stacked_product
+
 # Where the chain Functions run (the engine and jacobian ask here). The JR Function pays off on every
 # backend whose products are ATen GEMMs (it removes autograd overhead: ~11% of a vjp step); the plain
 # one only where its products are the member-parallel ones (cpp: 7-10% of a plain step at 2 threads,
@@ -56,17 +58,8 @@ class ATenProducts:
     """The chain's three kinds of product as ATen calls (bmm/baddbmm; one GEMM over [R, IN] x [IN, M*OUT]
     for an input shared by the members)."""
 
-    @staticmethod
-    def linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """h [R, IN] (shared by the members) or [M, R, IN] -> h W_m^T (+ b_m): contiguous [M, R, OUT]."""
-        m, out_features, fan_in = weight.shape
-        if h.dim() == 2:
-            flat = weight.reshape(m * out_features, fan_in).t()
-            y = torch.mm(h, flat) if bias is None else torch.addmm(bias.reshape(-1), h, flat)
-            return y.view(h.shape[0], m, out_features).transpose(0, 1).contiguous()
-        if bias is None:
-            return torch.bmm(h, weight.transpose(1, 2))
-        return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+    # h [R, IN] (shared by the members) or [M, R, IN] -> h W_m^T (+ b_m): contiguous [M, R, OUT]
+    linear = staticmethod(stacked_product)
 
     @staticmethod
     def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

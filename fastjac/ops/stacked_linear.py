@@ -32,17 +32,22 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
         raise TypeError("stacked_linear: x, weight and bias must share one dtype")
 
 
-def _matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """[M,R,IN] or shared [R,IN] times weight^T -> contiguous [M, R, OUT]."""
+def stacked_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, R, IN] or shared [R, IN] times weight_m^T (+ bias_m) -> contiguous [M, R, OUT], in ATen ops
+    (differentiable): addmm/baddbmm fuse the bias into the product."""
     m, out_features, fan_in = weight.shape
     if x.dim() == 2:  # one GEMM for every member: [R, IN] x [IN, M*OUT]
-        return (x @ weight.reshape(m * out_features, fan_in).t()).view(-1, m, out_features).transpose(0, 1).contiguous()
-    return torch.bmm(x, weight.transpose(1, 2))
+        flat = weight.reshape(m * out_features, fan_in).t()
+        y = torch.mm(x, flat) if bias is None else torch.addmm(bias.reshape(-1), x, flat)
+        return y.view(x.shape[0], m, out_features).transpose(0, 1).contiguous()
+    if bias is None:
+        return torch.bmm(x, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
 def stacked_linear_forward(x, weight, bias, streams: int, relu: bool):
     _check(x, weight, bias, streams)
-    y = _matmul(x, weight)
+    y = stacked_product(x, weight)
     m, rows, out_features = y.shape
     out, mask = epi.stream_epilogue_forward(y.view(m, streams, -1), bias, 1, relu)
     return out.view(m, rows, out_features), mask
@@ -103,14 +108,7 @@ class StackedLinear(torch.autograd.Function):
 def stacked_linear_plain(x, weight, bias, relu: bool) -> torch.Tensor:
     """The primal rows alone, no mask kept: ATen's addmm/baddbmm fuse the bias into the product and
     relu's autograd keeps its own output, exactly like a loop of nn.Linear, batched. [M, R, OUT]."""
-    m, out_features, fan_in = weight.shape
-    if x.dim() == 2:  # one GEMM for every member: [R, IN] x [IN, M*OUT]
-        flat = weight.reshape(m * out_features, fan_in).t()
-        y = x @ flat if bias is None else torch.addmm(bias.reshape(-1), x, flat)
-        y = y.view(-1, m, out_features).transpose(0, 1).contiguous()
-    else:
-        y = torch.bmm(x, weight.transpose(1, 2)) if bias is None else \
-            torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    y = stacked_product(x, weight, bias)
     return torch.relu(y) if relu else y
 
 
@@ -128,7 +126,7 @@ def stacked_linear(x, weight, bias=None, streams: int = 1, relu: bool = False, b
     if streams == 1 and not need_mask and backend != "triton":
         return stacked_linear_plain(x, weight, bias, relu), None
     if not weight.requires_grad and (bias is None or not bias.requires_grad):
-        y = _matmul(x, weight)
+        y = stacked_product(x, weight)
         m, rows, out_features = y.shape
         out, mask = epi.stream_epilogue(y.view(m, streams, -1), bias, 1, relu, epi.launchers(backend))
         return out.view(m, rows, out_features), mask
