@@ -222,8 +222,8 @@ class Engine:
         """(weights, biases, relus) when the network is a chain of Linear(+ReLU) layers, with only
         shape-free layers (Flatten, Identity, eval-mode Dropout) around them; else None. Such a chain's
         JR quantities run as one autograd Function (``fastjac.ops.linear_chain``)."""
-        if self.first_linear() is None or any(layer.kind not in ("linear", "flatten", "identity", "dropout")
-                                               for layer in self.layers):
+        # parse() guarantees a Linear or Conv2d, so a stack of only these kinds has at least one Linear
+        if any(layer.kind not in ("linear", "flatten", "identity", "dropout") for layer in self.layers):
             return None
         chain = [layer for layer in self.layers if layer.kind == "linear"]
         weights, biases = zip(*(self._weight_bias(layer) for layer in chain))

@@ -104,34 +104,35 @@ def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_
         streams = tangents.mean(0, keepdim=True) if target == "ensemble" else tangents  # J_ens u = mean_m J_m u
         return logits, streams.pow(2).sum(dim=(1, 2, 3)) / (u.shape[0] * batch)
     logits, _, tape = run.forward(x, per_member=per_member, record=True)
-    classes = logits.shape[-1]
-    if projections is None and nproj != -1:
-        projections = make_projections("vjp", nproj, shared_shape, classes, generator=generator, dtype=x.dtype,
-                                       device=x.device)
-    if projections is None:  # exact: the C basis vectors, no scale factor
-        v, scale = reference.basis_projections(batch, classes, dtype=x.dtype, device=x.device), 1.0 / batch
-    else:
-        _check_projections(projections, "vjp", shared_shape, classes, values=False)  # C is known only now
-        v, scale = projections, classes / (projections.shape[0] * batch)
+    v, scale = _vjp_projections(projections, nproj, shared_shape, logits.shape[-1], generator, x)
     g = run.cotangent(tape, v, batch)  # [M, P, B, *input]
     if target == "ensemble":
         g = g.mean(0, keepdim=True)
     return logits, scale * g.pow(2).flatten(1).sum(dim=1)
 
 
+def _vjp_projections(projections, nproj, shared_shape, classes: int, generator, x):
+    """(v [P, B, C], scale) of Hoffman's estimator: the caller's or fresh unit rows with scale C / (P*B),
+    or for nproj = -1 the C basis vectors with scale 1/B (the exact value)."""
+    batch = shared_shape[0]
+    if projections is None and nproj == -1:
+        return reference.basis_projections(batch, classes, dtype=x.dtype, device=x.device), 1.0 / batch
+    if projections is None:
+        projections = make_projections("vjp", nproj, shared_shape, classes, generator=generator, dtype=x.dtype,
+                                       device=x.device)
+    _check_projections(projections, "vjp", shared_shape, classes, values=False)  # C is known only now
+    return projections, classes / (projections.shape[0] * batch)
+
+
 def _chain_penalty(chain, backend, x, mode, nproj, target, projections, per_member, shared_shape, generator):
     weights, biases, relus = chain
-    batch, classes = shared_shape[0], weights[-1].shape[1]
-    if projections is None and not (mode == "vjp" and nproj == -1):
-        projections = make_projections(mode, nproj, shared_shape, classes, generator=generator, dtype=x.dtype,
-                                       device=x.device)
-    if mode == "vjp" and projections is None:  # exact: the C basis vectors, no scale factor
-        projections, scale = reference.basis_projections(batch, classes, dtype=x.dtype, device=x.device), 1.0 / batch
-    elif mode == "vjp":
-        _check_projections(projections, "vjp", shared_shape, classes, values=False)
-        scale = classes / (projections.shape[0] * batch)
+    if mode == "vjp":
+        projections, scale = _vjp_projections(projections, nproj, shared_shape, weights[-1].shape[1], generator, x)
     else:
-        scale = 1.0 / (projections.shape[0] * batch)
+        if projections is None:
+            projections = make_projections("jvp", nproj, shared_shape, 0, generator=generator, dtype=x.dtype,
+                                           device=x.device)
+        scale = 1.0 / (projections.shape[0] * shared_shape[0])
     spec = linear_chain.ChainSpec(mode, target, relus, tuple(bias is not None for bias in biases), scale, backend)
     inputs = x.flatten(2) if per_member else x.flatten(1)
     return linear_chain.chain_penalty(spec, inputs, projections.flatten(2), weights, biases)
