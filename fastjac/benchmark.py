@@ -62,6 +62,10 @@ class Timing:
     runs: int = 0
     cpu_median_s: float = math.nan    # median process CPU time per call (all threads; excludes time preempted)
 
+    def seconds(self, clock: str = "wall") -> float:
+        """The median of ``clock``: "wall", or "cpu" (process CPU time)."""
+        return self.cpu_median_s if clock == "cpu" else self.median_s
+
 
 def _sync(device: str) -> None:
     if str(device).startswith("cuda"):
@@ -166,7 +170,7 @@ def gemm_peak_gflops(dtype: torch.dtype = torch.float32, *, n: int = GEMM_SIZE, 
     (``clock``: "wall", or "cpu" for process CPU time)."""
     fn, work = gemm_closure(n, dtype, device)
     timing = measure(fn, warmup=2, repeats=repeats, min_time=0.0, device=device, memory=False)
-    return work / (timing.cpu_median_s if clock == "cpu" else timing.median_s) / 1e9
+    return work / timing.seconds(clock) / 1e9
 
 
 # ============================================================================================= FLOPs
@@ -467,9 +471,6 @@ def run_table(quick: bool = False, archs: Sequence[str] = ARCHS, members: Sequen
     auto = backends.current(device)
     timing_options = dict(warmup=1, repeats=5, max_time=4.0) if quick else dict(warmup=3, repeats=20, max_time=20.0)
 
-    def seconds(timing: Timing) -> float:
-        return timing.cpu_median_s if clock == "cpu" else timing.median_s
-
     rows: list[dict] = []
     for arch in archs:
         for m in members:
@@ -478,7 +479,7 @@ def run_table(quick: bool = False, archs: Sequence[str] = ARCHS, members: Sequen
             closures = {spec.key: build(spec, device) for spec in specs}
             closures["gemm"], gemm_flops = gemm_closure(device=device)
             timings = measure_interleaved(closures, device=device, **timing_options)
-            peak = gemm_flops / seconds(timings["gemm"]) / 1e9
+            peak = gemm_flops / timings["gemm"].seconds(clock) / 1e9
             if file is not None:
                 print(f"[bench] {arch} M={m}: {len(specs)} cases in {time.perf_counter() - started:.1f}s, GEMM "
                       f"{peak:.1f} GFLOP/s, load average {_load_average()}", file=file, flush=True)
@@ -486,16 +487,16 @@ def run_table(quick: bool = False, archs: Sequence[str] = ARCHS, members: Sequen
                 timing = timings[spec.key]
                 reference_spec = anchor(spec, auto)
                 reference_timing = None if reference_spec is None else timings.get(reference_spec.key)
-                gflops = flops(spec) / seconds(timing) / 1e9
+                gflops = flops(spec) / timing.seconds(clock) / 1e9
                 rows.append(dict(
                     name=spec.label, kind=spec.kind, arch=arch, M=m, K=spec.k,
                     backend=f"auto={auto}" if spec.backend == "auto" else spec.backend,
                     median_ms=timing.median_s * 1e3, iqr_ms=timing.iqr_s * 1e3, cpu_ms=timing.cpu_median_s * 1e3,
-                    time_ms=seconds(timing) * 1e3, clock=clock, runs=timing.runs, mem_bytes=timing.peak_mem_bytes,
-                    samples_per_s=spec.batch * (spec.k if spec.kind.startswith("uap") else 1) / seconds(timing),
+                    time_ms=timing.seconds(clock) * 1e3, clock=clock, runs=timing.runs, mem_bytes=timing.peak_mem_bytes,
+                    samples_per_s=spec.batch * (spec.k if spec.kind.startswith("uap") else 1) / timing.seconds(clock),
                     gflops=gflops, peak_gflops=peak, pct_peak=100 * gflops / peak,
                     anchor=None if reference_timing is None else _short(reference_spec, auto),
-                    ratio=None if reference_timing is None else seconds(timing) / seconds(reference_timing),
+                    ratio=None if reference_timing is None else timing.seconds(clock) / reference_timing.seconds(clock),
                     noisy=clock == "wall" and any(t.iqr_s > NOISY_IQR * t.median_s
                                                   for t in (timing, reference_timing) if t is not None)))
     return rows
@@ -723,8 +724,7 @@ def estimator_variance(*, arch: str = "mlp", members: int = 5, draws: int = 200,
         options = dict(warmup=1, repeats=5) if quick else dict(warmup=3, repeats=20, max_time=10.0)
         timings = measure_interleaved({mode: build(spec, device) for mode, spec in specs.items()}, device=device,
                                       memory=False, **options)
-        step_ms = {mode: (timing.cpu_median_s if clock == "cpu" else timing.median_s) * 1e3
-                   for mode, timing in timings.items()}
+        step_ms = {mode: timing.seconds(clock) * 1e3 for mode, timing in timings.items()}
     report = dict(arch=arch, members=members, draws=draws, batch=batch, source=source, clock=clock,
                   exact=exact.tolist(), estimators={})
     for mode, values in estimates.items():
