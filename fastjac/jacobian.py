@@ -168,7 +168,8 @@ def _reference_penalty(model, x, mode, nproj, target, projections, per_member, s
 
 def jacobian_penalty(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mode: str = "vjp",
                      target: str = "members", projections: torch.Tensor | None = None,
-                     backend: str | None = None, per_member: bool = False, generator=None) -> torch.Tensor:
+                     backend: str | None = None, per_member: bool = False, generator=None,
+                     return_logits: bool = False):
     """Estimate of the batch mean of ||J(x_b)||_F^2, differentiable w.r.t. the parameters.
 
     Args:
@@ -181,10 +182,16 @@ def jacobian_penalty(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mode:
             random draws (the same for every member).
         backend: a name from ``fastjac.backends.available()``; None = the automatic choice.
         generator: a torch.Generator for the random projections.
-    Returns: a scalar (single module, or target="ensemble"), or [M] (Ensemble, target="members").
+        return_logits: also return the logits of the same pass (one forward for both): what a
+            training loop of the user's own needs next to the penalty.
+    Returns: the penalty, a scalar (single module, or target="ensemble") or [M] (Ensemble, target="members");
+    with ``return_logits``, (penalty, logits): logits [M, B, C] for an Ensemble, [B, C] for a single module.
     """
-    return penalty_and_logits(model, x, nproj=nproj, mode=mode, target=target, projections=projections,
-                              backend=backend, per_member=per_member, generator=generator)[1]
+    logits, penalty = penalty_and_logits(model, x, nproj=nproj, mode=mode, target=target, projections=projections,
+                                         backend=backend, per_member=per_member, generator=generator)
+    if not return_logits:
+        return penalty
+    return penalty, (logits if isinstance(model, Ensemble) else logits.squeeze(0))
 
 
 class JacobianReg(nn.Module):
