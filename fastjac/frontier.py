@@ -26,6 +26,11 @@ import numpy as np
 # Method order: single models first; a pair (A, B) compares a later method A with an earlier B (A - B).
 METHODS = ("jr", "wide-jr", "je-members", "je-ensemble", "je-mixed")
 
+# How often a nominal 95% percentile interval of a mean over n seeds covers the true mean, normal data,
+# simulated (tests/test_frontier.py checks these): with few seeds a percentile interval cannot be wider
+# than the seeds' own spread, so it runs short.
+COVERAGE_95 = {3: 0.74, 5: 0.84, 10: 0.89}
+
 
 def eps_key(eps: float) -> str:
     """The key of one eps in a row's ``uap_accuracy`` dict (as reproduce writes it)."""
@@ -201,7 +206,8 @@ def compare(rows: list[dict], eps, *, methods=None, grid_points: int = 41, repli
         replicates, level, seed: the bootstrap (resamples, interval level, generator seed).
     Returns {"methods", "seeds", "level", "replicates", "eps": {eps key: {"frontiers": {method: {...}},
     "pairs": [{...}]}}}: per method its points, envelope and a band (grid [g], lo/hi [g]); per pair
-    (a, b) the common range, the grid [g], the gap a - b [g] with intervals, the mean gap and the area
+    (a, b) the common range, the grid [g], each frontier's UAP accuracy on it [g], the gap a - b [g] with
+    intervals, the mean gap and the area
     with intervals, the regions where either is above (interval excludes 0) and a verdict sentence.
     """
     if not 0 < level < 1:
@@ -247,7 +253,8 @@ def _compare_pair(a: str, b: str, estimate: dict, resampled: dict, grid_points: 
         entry.update({"dominance": "no-range", "verdict": "no common clean-accuracy range"})
         return entry
     grid = np.linspace(*span, grid_points)
-    gap = frontier_at(estimate[a], grid) - frontier_at(estimate[b], grid)
+    uap_a, uap_b = frontier_at(estimate[a], grid), frontier_at(estimate[b], grid)
+    gap = uap_a - uap_b
     boot_gap = np.stack([frontier_at(fa, grid) - frontier_at(fb, grid) for fa, fb in zip(resampled[a], resampled[b])])
     gap_ci = np.array([percentile_interval(boot_gap[:, j], level) for j in range(grid_points)])
     area, width = area_between(estimate[a], estimate[b])
@@ -259,7 +266,8 @@ def _compare_pair(a: str, b: str, estimate: dict, resampled: dict, grid_points: 
     overlap = ~undefined & ~a_above & ~b_above
     dominance = _dominance(a_above, b_above, overlap)
     entry.update({
-        "grid": grid.tolist(), "gap": gap.tolist(), "gap_ci": gap_ci.tolist(),
+        "grid": grid.tolist(), "uap_a": uap_a.tolist(), "uap_b": uap_b.tolist(), "gap": gap.tolist(),
+        "gap_ci": gap_ci.tolist(),
         "mean_gap": area / width, "mean_gap_ci": list(percentile_interval(boot_mean_gap, level)),
         "area": area, "area_ci": list(percentile_interval(boot[:, 0], level)),
         "a_above": _describe_regions(grid, a_above), "b_above": _describe_regions(grid, b_above),
@@ -296,9 +304,13 @@ def markdown_report(report: dict) -> str:
              f"clean-accuracy range of the two frontiers; area = integral of the gap over that range "
              f"(points × points); mean gap = area / width. Brackets: {level} percentile bootstrap intervals "
              f"over seeds {report['seeds']} ({report['replicates']} paired resamples). \"Above\" means the "
-             f"gap's interval excludes 0 there.", ""]
-    header = ["A − B", "common clean range %", f"mean gap [{level}]", f"area [{level}]", "largest gap A − B (at clean %)",
-              "smallest gap A − B (at clean %)", "verdict"]
+             f"gap's interval excludes 0 there. With few seeds these intervals are too narrow: a nominal 95% "
+             f"percentile interval of a mean covers it about "
+             + ", ".join(f"{100 * rate:.0f}% of the time with {n} seeds" for n, rate in COVERAGE_95.items())
+             + " (normal data, simulated); read a verdict from 3 seeds as a lead, not a finding.", ""]
+    header = ["A − B", "common clean range %", f"mean gap [{level}]", f"area [{level}]",
+              "largest gap A − B [CI] at clean %: UAP % A vs B", "smallest gap A − B [CI] at clean %: UAP % A vs B",
+              "verdict"]
     for key, entry in report["eps"].items():
         lines += [f"### ε = {key}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for pair in entry["pairs"]:
@@ -306,23 +318,25 @@ def markdown_report(report: dict) -> str:
             if pair["common_range"] is None:
                 lines.append(f"| {name} | none | | | | | {pair['verdict']} |")
                 continue
-            gap, grid, ci = np.array(pair["gap"]), pair["grid"], pair["gap_ci"]
-            top, bottom = int(np.nanargmax(gap)), int(np.nanargmin(gap))
+            gap = np.array(pair["gap"])
+
+            def at(j: int) -> str:
+                return (f"{100 * gap[j]:+.1f} {_interval(pair['gap_ci'][j])} at {100 * pair['grid'][j]:.1f}: "
+                        f"{100 * pair['uap_a'][j]:.1f} vs {100 * pair['uap_b'][j]:.1f}")
+
             lo, hi = pair["common_range"]
             cells = [name, f"{100 * lo:.1f}–{100 * hi:.1f}",
                      f"{100 * pair['mean_gap']:+.1f} {_interval(pair['mean_gap_ci'])}",
                      f"{1e4 * pair['area']:+.1f} {_interval(pair['area_ci'], 1e4)}",
-                     f"{100 * gap[top]:+.1f} {_interval(ci[top])} ({100 * grid[top]:.1f})",
-                     f"{100 * gap[bottom]:+.1f} {_interval(ci[bottom])} ({100 * grid[bottom]:.1f})",
-                     pair["verdict"]]
+                     at(int(np.nanargmax(gap))), at(int(np.nanargmin(gap))), pair["verdict"]]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
 def plot_frontiers(report: dict, path) -> None:
-    """One panel per eps: each method's points (hollow: dominated), its envelope as a line and its
-    bootstrap band; a legend names the methods."""
+    """One panel per eps: each method's points (hollow: dominated; black diamonds: points of several
+    methods), its envelope as a line and its bootstrap band; a legend names the methods."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,13 +346,19 @@ def plot_frontiers(report: dict, path) -> None:
     panels = list(report["eps"].items())
     figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
     for axis, (key, entry) in zip(axes[0], panels):
+        owners = {}  # point name -> the methods it belongs to (the plain ensemble is the end of every JE frontier)
+        for method, front in entry["frontiers"].items():
+            for point in front["points"]:
+                owners.setdefault(point["name"], []).append(method)
         for method, front in entry["frontiers"].items():
             color = colors.get(method, "gray")
             envelope = set(zip(front["envelope"]["clean"], front["envelope"]["uap"]))
             for point in front["points"]:
                 on = (point["clean"], point["uap"]) in envelope
-                axis.plot(100 * point["clean"], 100 * point["uap"], "o", color=color, markersize=4,
-                          markerfacecolor=color if on else "none")
+                shared = len(owners[point["name"]]) > 1
+                axis.plot(100 * point["clean"], 100 * point["uap"], "D" if shared else "o",
+                          color="black" if shared else color, markersize=4,
+                          markerfacecolor=("black" if shared else color) if on else "none")
             axis.plot([100 * c for c in front["envelope"]["clean"]], [100 * u for u in front["envelope"]["uap"]],
                       "-", color=color, label=method)
             band = front["band"]
@@ -352,40 +372,63 @@ def plot_frontiers(report: dict, path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False,
                   title=f"frontiers (line: Pareto envelope of the mean points, hollow: dominated, band: "
-                        f"{100 * report['level']:g}% bootstrap interval)", title_fontsize=8)
+                        f"{100 * report['level']:g}% bootstrap interval; black diamonds: points of several frontiers, "
+                        f"e.g. the plain ensemble)", title_fontsize=8)
     figure.tight_layout(rect=(0, 0.12, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
 def plot_gaps(report: dict, path) -> None:
-    """The summary of the comparison: one panel per eps, one line per method pair: the mean UAP gap
-    A - B at matched clean accuracy over the common range, with its interval (red: A dominates, blue: B
-    dominates, gray: neither over the whole range)."""
+    """The summary of the comparison, one column per eps. Top row: per method pair, the mean UAP gap A - B
+    at matched clean accuracy over the common range with its interval (red: the interval above 0, blue:
+    below, gray: containing 0). Below, one row per single-model reference B (jr, wide-jr, where present):
+    the gap A - B of every other method along clean accuracy, with its pointwise interval band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = dict(zip(METHODS, ("tab:blue", "tab:cyan", "tab:red", "tab:purple", "tab:orange")))
     panels = list(report["eps"].items())
-    labels = [f"{p['a']} − {p['b']}" for p in panels[0][1]["pairs"]] if panels else []
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(labels) + 1.6),
-                                squeeze=False, sharey=True)
-    for axis, (key, entry) in zip(axes[0], panels):
+    pairs = panels[0][1]["pairs"] if panels else []
+    labels = [f"{p['a']} − {p['b']}" for p in pairs]
+    references = [m for m in ("jr", "wide-jr") if m in report["methods"]]
+    heights = [0.32 * len(labels) + 0.8] + [2.6] * len(references)
+    figure, axes = plt.subplots(1 + len(references), len(panels), figsize=(4.4 * len(panels), sum(heights) + 0.6),
+                                squeeze=False, gridspec_kw={"height_ratios": heights})
+    for column, (key, entry) in enumerate(panels):
+        axis = axes[0][column]
         for row, pair in enumerate(entry["pairs"]):
             if pair["common_range"] is None:
                 continue
             lo, hi = pair["mean_gap_ci"]
-            color = {"a": "tab:red", "b": "tab:blue"}.get(pair["dominance"], "gray")
+            color = "gray" if math.isnan(lo) or lo <= 0 <= hi else ("tab:red" if lo > 0 else "tab:blue")
             if not math.isnan(lo):
                 axis.plot([100 * lo, 100 * hi], [row, row], "-", color=color, linewidth=2)
             axis.plot(100 * pair["mean_gap"], row, "o", color=color)
         axis.axvline(0, color="black", linewidth=0.8)
-        axis.set_title(f"ε = {key}")
+        axis.set_title(f"ε = {key}: mean gap", fontsize=10)
         axis.set_xlabel("mean UAP gap A − B (points)")
+        axis.set_yticks(range(len(labels)), labels if column == 0 else [], fontsize=7)
+        axis.set_ylim(len(labels) - 0.5, -0.5)
         axis.grid(axis="x", alpha=0.3)
-    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=7)
-    axes[0][0].invert_yaxis()
+        for axis, reference in zip(axes[1:, column], references):
+            for pair in entry["pairs"]:
+                if pair["b"] != reference or pair["common_range"] is None:
+                    continue
+                grid = 100 * np.array(pair["grid"])
+                ci = 100 * np.array(pair["gap_ci"], dtype=float)
+                color = colors.get(pair["a"], "gray")
+                axis.plot(grid, 100 * np.array(pair["gap"]), "-", color=color, label=f"{pair['a']} − {reference}")
+                axis.fill_between(grid, ci[:, 0], ci[:, 1], color=color, alpha=0.15, linewidth=0)
+            axis.axhline(0, color="black", linewidth=0.8)
+            axis.set_title(f"ε = {key}: gap to {reference} along clean accuracy", fontsize=9)
+            axis.set_xlabel("clean accuracy (%)")
+            axis.set_ylabel("UAP gap (points)")
+            axis.grid(alpha=0.3)
+            if column == 0:
+                axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
