@@ -134,6 +134,9 @@ def method_points(rows: list[dict], method: str, eps: float) -> tuple[list[str],
         if "frontiers" not in row:
             raise ValueError(f"row {row.get('name')!r} has no 'frontiers' key: it was written by a study "
                              "without frontier methods")
+        if eps_key(eps) not in row["uap_accuracy"]:
+            raise ValueError(f"row {row['name']!r} (seed {row['seed']}) has no UAP accuracy at eps {eps:g}; it has "
+                             f"eps {', '.join(row['uap_accuracy'])}")
     seeds = sorted({row["seed"] for row in rows})
     names = list(dict.fromkeys(row["name"] for row in rows if method in row["frontiers"]))
     clean = np.full((len(names), len(seeds)), np.nan)
@@ -427,7 +430,7 @@ def plot_gaps(report: dict, path) -> None:
             axis.set_xlabel("clean accuracy (%)")
             axis.set_ylabel("UAP gap (points)")
             axis.grid(alpha=0.3)
-            if column == 0:
+            if column == 0 and axis.get_legend_handles_labels()[0]:  # no curve without a common range
                 axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -229,9 +229,12 @@ def test_noisy_overlapping_frontiers_are_not_called_dominant():
     assert lo < 0 < hi
 
 
-def test_rows_without_frontiers_are_refused():
+def test_rows_without_frontiers_or_eps_are_refused():
     with pytest.raises(ValueError, match="frontiers"):
         frontier.method_points([{"name": "baseline", "seed": 0}], "jr", 0.1)
+    rows = rows_from({"jr": {"baseline": (0.9, 0.5)}})
+    with pytest.raises(ValueError, match="eps 0.2"):
+        frontier.compare(rows, [0.2])
 
 
 def test_eps_monotonicity_reports_rising_accuracy():
