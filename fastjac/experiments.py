@@ -408,6 +408,11 @@ def markdown_table(rows: list[dict], eps) -> str:
     return "\n".join(lines) + note + "\n"
 
 
+# Beyond this many configurations the point names overlap in plot_tradeoff; frontier.png is then the
+# readable view (a legend per method).
+NAMED_POINTS = 12
+
+
 def plot_tradeoff(rows: list[dict], eps, path: Path) -> None:
     """Clean accuracy (x) vs UAP accuracy (y), one point per configuration, one panel per eps."""
     import matplotlib
@@ -423,7 +428,8 @@ def plot_tradeoff(rows: list[dict], eps, path: Path) -> None:
             (cx, sx), (uy, sy) = entry["clean_accuracy"], entry["uap_accuracy"][f"{e:g}"]
             axis.errorbar(100 * cx, 100 * uy, xerr=100 * sx, yerr=100 * sy, fmt="o", color=colors[entry["kind"]],
                           capsize=2)
-            axis.annotate(entry["name"], (100 * cx, 100 * uy), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            if len(summary) <= NAMED_POINTS:
+                axis.annotate(entry["name"], (100 * cx, 100 * uy), fontsize=6, xytext=(3, 3), textcoords="offset points")
         axis.set_title(f"SGD-UAP ε = {e:g}")
         axis.set_xlabel("clean accuracy (%)")
         axis.set_ylabel("UAP accuracy (%)")
