@@ -220,6 +220,8 @@ def _job_seconds(config: Configuration, preset: Preset, arch: str, attack_epochs
 def estimate_seconds(preset: Preset, arch: str, done=frozenset()) -> float | None:
     """Estimated seconds of the whole study on this project's CPU (COSTS), less the (name, seed) runs in
     ``done``; None without costs for ``arch``."""
+    if arch not in COSTS:
+        return None
     configs = {c.name: c for c in configurations(preset, arch)}
     jobs = [_job_seconds(c, preset, arch, preset.uap_epochs) for s in preset.seeds for c in configs.values()
             if (c.name, s) not in done]
@@ -227,8 +229,6 @@ def estimate_seconds(preset: Preset, arch: str, done=frozenset()) -> float | Non
     if check is not None:  # the check reloads trained models: its cost is the longer attacks only
         jobs += [_job_seconds(configs[name], preset, arch, preset.uap_epochs * check.epochs_factor * check.restarts)
                  - _job_seconds(configs[name], preset, arch, 0) for name in check.configurations for _ in check.seeds]
-    if any(job is None for job in jobs):
-        return None
     return sum(jobs) + JOB_OVERHEAD_SECONDS * len(jobs)
 
 

@@ -150,3 +150,8 @@ def test_reproduce_defaults_to_the_presets_architecture(tmp_path, monkeypatch):
     with pytest.raises(Started) as started:
         reproduce(preset="frontier-lenet", out=tmp_path, progress=False)
     assert started.value.args[0] == "lenet"
+
+
+def test_no_time_estimate_without_measured_costs(monkeypatch):
+    monkeypatch.delitem(experiments.COSTS, "lenet")  # as for an architecture nobody has timed (resnet)
+    assert estimate_seconds(PRESETS["frontier-lenet"], "lenet") is None
