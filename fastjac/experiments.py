@@ -8,7 +8,8 @@ attacked with SGD-UAP over the whole eps grid in one batched run (fitted on trai
 on the test set. Every finished (configuration, seed) is written to results.json at once, so a rerun
 into the same directory skips it; training checkpoints each epoch, so an interrupted configuration
 resumes too. The frontier presets add the trade-off frontiers with bootstrap intervals
-(``fastjac.frontier``) and an attack-strength check (a longer SGD-UAP with restarts on a few models).
+(``fastjac.frontier``), a SGD-UAP over several batch orders (restarts), and an attack-strength check
+(longer attacks over more orders on a few models).
 """
 from __future__ import annotations
 
@@ -35,13 +36,14 @@ from fastjac.uap import sgd_uap
 @dataclass(frozen=True)
 class AttackCheck:
     """A stronger SGD-UAP on a few trained models: does the reported robustness survive an attack that
-    runs longer and restarts? Restart 0 keeps the preset's batch order; restart r > 0 visits the fit
-    batches in another seeded order. A model is flagged when its UAP accuracy under the stronger attack
-    (the lowest over the restarts, per eps) is more than ``tolerance`` below the preset's attack."""
+    runs longer and from more batch orders? The stronger attack runs ``epochs_factor`` x the preset's
+    epochs over the preset's orders plus ``extra_restarts`` new ones, chosen per eps as the study's attack
+    is (:func:`fit_uaps`). A model is flagged when its UAP accuracy under it is more than ``tolerance``
+    below the study's."""
     configurations: tuple          # names of configurations attacked again
     seeds: tuple = (0,)
-    epochs_factor: int = 3         # the stronger attack runs epochs_factor x the preset's uap_epochs
-    restarts: int = 3
+    epochs_factor: int = 3
+    extra_restarts: int = 3
     tolerance: float = 0.02
 
 
@@ -60,6 +62,7 @@ class Preset:
     uap_samples: int               # training images the UAPs are fitted on
     uap_epochs: int
     batch_size: int = 128
+    uap_restarts: int = 1          # batch orders the UAPs are fitted in; the strongest on the fit set is kept
     wide_lambdas: tuple = ()       # a single model with ~M x a member's parameters: its JR grid (0 = plain); () = none
     attack_check: AttackCheck | None = None
     frontier: bool = False         # write the frontier analysis (frontier.md, frontier.json, frontier*.png)
@@ -86,16 +89,18 @@ PRESETS = {
     # models are the baseline, one JR model and one Jacobian Ensemble near the trade-off's knee.
     "frontier-smoke": Preset(epochs=1, members=2, lambdas=(0.5,), je_lambdas=(0.5,), je_ensemble_lambdas=(0.5,),
                              mixed=_mixed_grid(2, (0.05, 0.5)), eps=(0.05, 0.1), seeds=(0, 1), train_samples=512,
-                             test_samples=256, uap_samples=128, uap_epochs=1, wide_lambdas=(0.0, 0.5), frontier=True,
-                             attack_check=AttackCheck(("baseline", "je-members-m2-0.5"), restarts=2)),
+                             test_samples=256, uap_samples=128, uap_epochs=1, uap_restarts=2, wide_lambdas=(0.0, 0.5),
+                             frontier=True, attack_check=AttackCheck(("baseline", "je-members-m2-0.5"), extra_restarts=1)),
     "frontier": Preset(epochs=5, members=5, lambdas=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 1.0),
                        je_lambdas=(0.005, 0.01, 0.02, 0.05, 0.2), je_ensemble_lambdas=(0.005, 0.02, 0.05, 0.2),
                        mixed=_mixed_grid(5, (0.02, 0.2)), eps=_EPS, seeds=(0, 1, 2), train_samples=None,
-                       test_samples=None, uap_samples=10000, uap_epochs=10, wide_lambdas=(0.0, 0.005, 0.02, 0.05, 0.2),
+                       test_samples=None, uap_samples=10000, uap_epochs=2, uap_restarts=5,
+                       wide_lambdas=(0.0, 0.005, 0.02, 0.05, 0.2),
                        frontier=True, attack_check=AttackCheck(("baseline", "jr-0.01", "je-members-m5-0.01"))),
     "frontier-lenet": Preset(epochs=2, members=5, lambdas=(0.005, 0.02, 0.05, 0.2, 1.0), je_lambdas=(0.005, 0.02, 0.2),
                              je_ensemble_lambdas=(0.005, 0.02, 0.2), mixed=_mixed_grid(5, (0.02, 0.2)), eps=_EPS,
-                             seeds=(0, 1, 2), train_samples=30000, test_samples=None, uap_samples=5000, uap_epochs=5,
+                             seeds=(0, 1, 2), train_samples=30000, test_samples=None, uap_samples=5000, uap_epochs=1,
+                             uap_restarts=4,
                              wide_lambdas=(0.0, 0.02, 0.2), frontier=True, arch="lenet",
                              attack_check=AttackCheck(("baseline", "jr-0.02", "je-members-m5-0.02"))),
 }
@@ -196,11 +201,15 @@ class Costs:
 COSTS = {"mlp": Costs(single=1.45, single_jr=2.77, member=0.86, member_jr=1.61, attack_single=0.41, attack_member=0.28),
          "lenet": Costs(single=6.6, single_jr=18.2, member=4.15, member_jr=8.6, attack_single=3.7, attack_member=2.03)}
 JOB_OVERHEAD_SECONDS = 2.0         # per run: test-set evaluation, UAP image, checkpoints (a rough allowance)
+# Evaluating K perturbations on the fit set (to choose among batch orders) against one SGD-UAP epoch over
+# it: (K + 1) inference row blocks against K forward + input-gradient ones (bench/RESULTS.md table 1, MLP
+# M = 5: inference 4.7 ms, SGD-UAP K = 4 38 ms per batch of 128: 4 x 4.7 / (3 x 9.5) for K = 3).
+FIT_EVALUATION_FRACTION = 0.66
 
 
-def _job_seconds(config: Configuration, preset: Preset, arch: str, attack_epochs: int) -> float | None:
-    """Estimated seconds of training ``config`` and attacking it for ``attack_epochs`` SGD-UAP epochs
-    (0: training only), or None without costs for ``arch``."""
+def _job_seconds(config: Configuration, preset: Preset, arch: str, attack_epochs: int, orders: int) -> float | None:
+    """Estimated seconds of training ``config`` and attacking it for ``attack_epochs`` SGD-UAP epochs in
+    each of ``orders`` batch orders (0 epochs: training only), or None without costs for ``arch``."""
     costs = COSTS.get(arch)
     if costs is None:
         return None
@@ -213,7 +222,8 @@ def _job_seconds(config: Configuration, preset: Preset, arch: str, attack_epochs
         train_cost = size * (costs.member_jr if regularized else costs.member)
         attack_cost = size * costs.attack_member
     train_epochs = preset.epochs * (preset.train_samples or 60000) / 60000
-    attack = attack_epochs * preset.uap_samples / 10000 * len(preset.eps) / 3 * attack_cost
+    choosing = FIT_EVALUATION_FRACTION if orders > 1 and attack_epochs else 0.0
+    attack = orders * (attack_epochs + choosing) * preset.uap_samples / 10000 * len(preset.eps) / 3 * attack_cost
     return train_epochs * train_cost + attack
 
 
@@ -223,12 +233,13 @@ def estimate_seconds(preset: Preset, arch: str, done=frozenset()) -> float | Non
     if arch not in COSTS:
         return None
     configs = {c.name: c for c in configurations(preset, arch)}
-    jobs = [_job_seconds(c, preset, arch, preset.uap_epochs) for s in preset.seeds for c in configs.values()
-            if (c.name, s) not in done]
+    jobs = [_job_seconds(c, preset, arch, preset.uap_epochs, preset.uap_restarts) for s in preset.seeds
+            for c in configs.values() if (c.name, s) not in done]
     check = preset.attack_check
     if check is not None:  # the check reloads trained models: its cost is the longer attacks only
-        jobs += [_job_seconds(configs[name], preset, arch, preset.uap_epochs * check.epochs_factor * check.restarts)
-                 - _job_seconds(configs[name], preset, arch, 0) for name in check.configurations for _ in check.seeds]
+        epochs, orders = preset.uap_epochs * check.epochs_factor, preset.uap_restarts + check.extra_restarts
+        jobs += [_job_seconds(configs[name], preset, arch, epochs, orders) - _job_seconds(configs[name], preset, arch, 0, 1)
+                 for name in check.configurations for _ in check.seeds]
     return sum(jobs) + JOB_OVERHEAD_SECONDS * len(jobs)
 
 
@@ -278,6 +289,38 @@ def _fit_batches(train_data, preset: Preset, seed: int) -> list:
             for i in range(0, x_fit.shape[0], preset.batch_size)]
 
 
+def fit_uaps(model: torch.nn.Module, train_data, preset: Preset, seed: int, *, epochs: int, orders: int,
+             progress: bool = False) -> tuple:
+    """SGD-UAPs for every eps of ``preset``, fitted in ``orders`` orders of the seed's fit batches.
+
+    Order 0 is the fit set's own; order o > 0 a permutation seeded by (seed, o). Per eps, the order whose
+    perturbation leaves the lowest UAP accuracy on the fit set is kept (training data: the test set never
+    chooses). Why orders: with its step of 0.8 eps, SGD-UAP settles within one epoch to a perturbation set
+    by the last batches it saw; measured on the MLP (one seed), 1 to 30 epochs in one order gave the same
+    test UAP accuracy within 0.2 points, while six other orders moved it by up to 7 points, ranked alike
+    on the fit and the test set.
+    Returns (the sgd_uap result of order 0 with ``delta`` [K, *input] replaced by the chosen perturbations,
+    the fit-set UAP accuracy of every order [orders][K]; [] for a single order: nothing to choose).
+    """
+    batches = _fit_batches(train_data, preset, seed)
+    x_fit, y_fit = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    result, fit = None, []
+    for o in range(orders):
+        order = range(len(batches)) if o == 0 else \
+            torch.randperm(len(batches), generator=torch.Generator().manual_seed(1_000_003 * seed + o)).tolist()
+        attack = sgd_uap(model, [batches[i] for i in order], eps=list(preset.eps), epochs=epochs, progress=progress)
+        if orders == 1:
+            return attack, fit
+        fit.append(evaluate(model, x_fit, y_fit, attack.delta)["uap_accuracy"])
+        if result is None:
+            result, best = attack, list(fit[-1])
+            continue
+        for k, accuracy in enumerate(fit[-1]):
+            if accuracy < best[k]:
+                result.delta[k], best[k] = attack.delta[k], accuracy
+    return result, fit
+
+
 def _run_one(config: Configuration, seed: int, preset: Preset, arch: str, train_data, test_data, out: Path,
              progress: bool) -> dict:
     started = time.perf_counter()
@@ -285,8 +328,8 @@ def _run_one(config: Configuration, seed: int, preset: Preset, arch: str, train_
     train_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    batches = _fit_batches(train_data, preset, seed)
-    attack = sgd_uap(model, batches, eps=list(preset.eps), epochs=preset.uap_epochs, progress=progress)
+    attack = fit_uaps(model, train_data, preset, seed, epochs=preset.uap_epochs, orders=preset.uap_restarts,
+                      progress=progress)[0]
     attack_seconds = time.perf_counter() - started
     metrics = evaluate(model, *test_data, attack.delta)
     torch.save(attack.delta, out / "uaps" / f"{config.name}-seed{seed}.pt")
@@ -304,25 +347,20 @@ def _attack_check_one(config: Configuration, seed: int, preset: Preset, arch: st
                       test_data, out: Path, progress: bool) -> dict:
     """The stronger SGD-UAP of ``preset.attack_check`` on one trained model (loaded from its checkpoint).
 
-    Returns {name, seed, uap_epochs, restarts: [{eps: UAP accuracy}] per restart, default, strong (the lowest
-    over the restarts), drop (default - strong), flagged (a drop above the tolerance), seconds}.
+    Returns {name, seed, uap_epochs, orders, default (the study's test UAP accuracy per eps), strong (the
+    stronger attack's, chosen on the fit set as the study's is), drop (default - strong), flagged (a drop
+    above the tolerance), seconds}.
     """
     check = preset.attack_check
     model = _train_model(config, seed, preset, arch, train_data, out, progress)
-    batches = _fit_batches(train_data, preset, seed)
-    epochs = preset.uap_epochs * check.epochs_factor
+    epochs, orders = preset.uap_epochs * check.epochs_factor, preset.uap_restarts + check.extra_restarts
     started = time.perf_counter()
-    restarts = []
-    for restart in range(check.restarts):
-        order = range(len(batches)) if restart == 0 else \
-            torch.randperm(len(batches), generator=torch.Generator().manual_seed(1_000_003 * seed + restart)).tolist()
-        attack = sgd_uap(model, [batches[i] for i in order], eps=list(preset.eps), epochs=epochs, progress=progress)
-        restarts.append(evaluate(model, *test_data, attack.delta)["uap_accuracy"])
+    attack, _ = fit_uaps(model, train_data, preset, seed, epochs=epochs, orders=orders, progress=progress)
+    strong = evaluate(model, *test_data, attack.delta)["uap_accuracy"]
     keys = [frontier.eps_key(e) for e in preset.eps]
     default = [default_row["uap_accuracy"][key] for key in keys]
-    strong = [min(values) for values in zip(*restarts)]
     drop = [d - s for d, s in zip(default, strong)]
-    return {"name": config.name, "seed": seed, "uap_epochs": epochs, "restarts": [dict(zip(keys, r)) for r in restarts],
+    return {"name": config.name, "seed": seed, "uap_epochs": epochs, "orders": orders,
             "default": dict(zip(keys, default)), "strong": dict(zip(keys, strong)), "drop": dict(zip(keys, drop)),
             "flagged": max(drop) > check.tolerance, "seconds": round(time.perf_counter() - started, 2)}
 
@@ -332,10 +370,11 @@ def attack_check_markdown(entries: list[dict], preset: Preset, monotonicity: lis
     check = preset.attack_check
     lines = ["## Attack strength", ""]
     if check is not None:
-        lines += [f"SGD-UAP as in the study ({preset.uap_epochs} epochs over {preset.uap_samples} fit images) against "
-                  f"{check.epochs_factor}x the epochs with {check.restarts} restarts (restart 0: the study's batch "
-                  f"order; the others: seeded shuffles of it); \"strong\" is the lowest UAP accuracy over the restarts "
-                  f"(test set, per ε). Flagged: a drop of more than {100 * check.tolerance:g} points.", ""]
+        lines += [f"The study's SGD-UAP ({preset.uap_epochs} epochs in each of {preset.uap_restarts} batch orders over "
+                  f"{preset.uap_samples} fit images, per ε the order with the lowest fit-set UAP accuracy) against "
+                  f"{check.epochs_factor}x the epochs in {preset.uap_restarts + check.extra_restarts} orders, chosen "
+                  f"the same way; test-set UAP accuracy. Flagged: a drop of more than {100 * check.tolerance:g} points.",
+                  ""]
         header = ["configuration", "seed"] + [f"UAP acc % ε={e:g}: study → strong (drop)" for e in preset.eps] + ["flagged"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for entry in entries:
@@ -348,7 +387,8 @@ def attack_check_markdown(entries: list[dict], preset: Preset, monotonicity: lis
         if len(entries) < expected:
             lines += ["", f"Incomplete: {len(entries)} of {expected} checks ran."]
         lines += ["", f"**Flagged: {', '.join(flagged)}.** The study's attack stopped early for these models: rerun "
-                      f"with uap_epochs x {check.epochs_factor} and {check.restarts} restarts." if flagged else
+                      f"with the stronger setting (uap_epochs x {check.epochs_factor}, uap_restarts + "
+                      f"{check.extra_restarts})." if flagged else
                   "No model's UAP accuracy dropped by more than "
                   f"{100 * check.tolerance:g} points under the stronger attack: the study's attack setting stands.", ""]
     lines += [f"**ε sweep:** {len(monotonicity)} (run, ε pair) cases where UAP accuracy rises with ε."]
@@ -556,7 +596,7 @@ def _run_attack_check(results: dict, results_path: Path, settings: Preset, arch:
                 continue
             if progress:
                 print(f"[attack check] {name} (seed {seed}): SGD-UAP x{check.epochs_factor} epochs, "
-                      f"{check.restarts} restarts", file=sys.stderr, flush=True)
+                      f"{settings.uap_restarts + check.extra_restarts} orders", file=sys.stderr, flush=True)
             entry = _attack_check_one(by_name[name], seed, settings, arch, rows[(name, seed)], train_data, test_data,
                                       out, progress)
             results["attack_check"].append(entry)
@@ -588,7 +628,7 @@ class _Pace:
         self.settings, self.arch, self.estimated, self.measured = settings, arch, 0.0, 0.0
 
     def finished(self, config: Configuration, seconds: float) -> None:
-        estimate = _job_seconds(config, self.settings, self.arch, self.settings.uap_epochs)
+        estimate = _job_seconds(config, self.settings, self.arch, self.settings.uap_epochs, self.settings.uap_restarts)
         if estimate is not None:
             self.estimated, self.measured = self.estimated + estimate + JOB_OVERHEAD_SECONDS, self.measured + seconds
 

@@ -1,10 +1,14 @@
 """The reproduce study: the smoke preset end to end on real data, its outputs' schema, and resume."""
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from fastjac import experiments, frontier
+from fastjac import experiments, frontier, models
+from fastjac.metrics import evaluate
+from fastjac.uap import sgd_uap
 from fastjac.experiments import PRESETS, configurations, estimate_seconds, parameter_count, reproduce
 
 KINDS = {"baseline", "jr", "ensemble", "jacobian-ensemble"}
@@ -112,7 +116,8 @@ def test_frontier_presets_trace_every_method(name):
     kinds = {c.name: (c.kind, c.members) for c in configs}
     checked = [kinds[n] for n in preset.attack_check.configurations]
     assert {k for k, _ in checked} == {"baseline", "jr", "jacobian-ensemble"}
-    assert preset.attack_check.epochs_factor == 3 and preset.attack_check.restarts >= 2
+    assert preset.attack_check.epochs_factor == 3 and preset.attack_check.extra_restarts >= 2
+    assert preset.uap_restarts >= 3 and set(preset.attack_check.seeds) <= set(preset.seeds)
 
 
 @pytest.mark.parametrize("name", FRONTIER_PRESETS)
@@ -126,7 +131,7 @@ def test_cost_model_reproduces_the_recorded_full_run():
     measured = sum(row["train_seconds"] + row["attack_seconds"] for row in rows)
     preset = PRESETS["full"]
     configs = {c.name: c for c in configurations(preset)}
-    modelled = sum(experiments._job_seconds(configs[row["name"]], preset, "mlp", preset.uap_epochs) for row in rows)
+    modelled = sum(experiments._job_seconds(configs[row["name"]], preset, "mlp", preset.uap_epochs, 1) for row in rows)
     assert modelled == pytest.approx(measured, rel=0.05)
 
 
@@ -155,3 +160,20 @@ def test_reproduce_defaults_to_the_presets_architecture(tmp_path, monkeypatch):
 def test_no_time_estimate_without_measured_costs(monkeypatch):
     monkeypatch.delitem(experiments.COSTS, "lenet")  # as for an architecture nobody has timed (resnet)
     assert estimate_seconds(PRESETS["frontier-lenet"], "lenet") is None
+
+
+def test_fit_uaps_keeps_the_strongest_order_per_eps_on_the_fit_set():
+    torch.manual_seed(0)
+    model = models.mlp(hidden=(32,))
+    x, y = torch.rand(300, 1, 28, 28), torch.randint(0, 10, (300,))
+    preset = dataclasses.replace(PRESETS["smoke"], eps=(0.05, 0.2), uap_samples=256, batch_size=32)
+    one, fit = experiments.fit_uaps(model, (x, y), preset, seed=0, epochs=1, orders=1)
+    assert fit == []  # one order: nothing chosen, nothing evaluated
+    batches = experiments._fit_batches((x, y), preset, 0)
+    assert torch.equal(one.delta, sgd_uap(model, batches, eps=[0.05, 0.2], epochs=1).delta)
+
+    chosen, fit = experiments.fit_uaps(model, (x, y), preset, seed=0, epochs=1, orders=4)
+    assert len(fit) == 4 and len({tuple(f) for f in fit}) > 1  # the orders differ
+    x_fit, y_fit = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    on_fit = evaluate(model, x_fit, y_fit, chosen.delta)["uap_accuracy"]
+    assert on_fit == [min(f[k] for f in fit) for k in range(2)]
