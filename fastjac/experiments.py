@@ -85,8 +85,11 @@ PRESETS = {
     "full": Preset(epochs=8, members=5, lambdas=(0.02, 0.05, 0.2, 1.0), je_lambdas=(0.05, 0.2),
                    je_ensemble_lambdas=(0.2,), mixed=((3, 0.2),), eps=_EPS, seeds=(0, 1, 2), train_samples=None,
                    test_samples=None, uap_samples=20000, uap_epochs=10),
-    # The frontier study (issue 14). Sizing: see estimate_seconds() and the README; the attack check's
-    # models are the baseline, one JR model and one Jacobian Ensemble near the trade-off's knee.
+    # The frontier study (issue 14), each sized to <= 90 min on this project's 2-core CPU when otherwise
+    # idle: estimate_seconds() gives 80 min (frontier) and 82 min (frontier-lenet, from derived LeNet costs).
+    # SGD-UAP runs few epochs in several batch orders: one order settles within an epoch, orders differ
+    # (fit_uaps). The attack check's models: the baseline, one JR model and one Jacobian Ensemble at the
+    # trade-off's knee.
     "frontier-smoke": Preset(epochs=1, members=2, lambdas=(0.5,), je_lambdas=(0.5,), je_ensemble_lambdas=(0.5,),
                              mixed=_mixed_grid(2, (0.05, 0.5)), eps=(0.05, 0.1), seeds=(0, 1), train_samples=512,
                              test_samples=256, uap_samples=128, uap_epochs=1, uap_restarts=2, wide_lambdas=(0.0, 0.5),
@@ -95,13 +98,11 @@ PRESETS = {
                        je_lambdas=(0.005, 0.01, 0.02, 0.05, 0.2), je_ensemble_lambdas=(0.005, 0.02, 0.05, 0.2),
                        mixed=_mixed_grid(5, (0.02, 0.2)), eps=_EPS, seeds=(0, 1, 2), train_samples=None,
                        test_samples=None, uap_samples=10000, uap_epochs=2, uap_restarts=5,
-                       wide_lambdas=(0.0, 0.005, 0.02, 0.05, 0.2),
-                       frontier=True, attack_check=AttackCheck(("baseline", "jr-0.01", "je-members-m5-0.01"))),
+                       wide_lambdas=(0.0, 0.005, 0.02, 0.05, 0.2), frontier=True, attack_check=AttackCheck(("baseline", "jr-0.01", "je-members-m5-0.01"))),
     "frontier-lenet": Preset(epochs=2, members=5, lambdas=(0.005, 0.02, 0.05, 0.2, 1.0), je_lambdas=(0.005, 0.02, 0.2),
                              je_ensemble_lambdas=(0.005, 0.02, 0.2), mixed=_mixed_grid(5, (0.02, 0.2)), eps=_EPS,
                              seeds=(0, 1, 2), train_samples=30000, test_samples=None, uap_samples=5000, uap_epochs=1,
-                             uap_restarts=4,
-                             wide_lambdas=(0.0, 0.02, 0.2), frontier=True, arch="lenet",
+                             uap_restarts=4, wide_lambdas=(0.0, 0.02, 0.2), frontier=True, arch="lenet",
                              attack_check=AttackCheck(("baseline", "jr-0.02", "je-members-m5-0.02"))),
 }
 
