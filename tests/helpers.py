@@ -22,10 +22,10 @@ def _device_of(name: str) -> str:
     return "cpu"
 
 
-def backend_devices(names=backends.NAMES, *, interpreter_ok: bool = True):
+def backend_devices(names=backends.NAMES, *, interpreter_skip: str | None = None):
     """pytest params (backend, device) for every backend in ``names`` on its device, plus 'torch' on a
-    CUDA device; each that cannot run here is a skip naming the reason. ``interpreter_ok=False``: Triton
-    on the CPU interpreter is a skip too (for tests whose shapes are too large for it)."""
+    CUDA device; each that cannot run here is a skip naming the reason. ``interpreter_skip``: Triton on
+    the CPU interpreter is a skip too, for this reason (e.g. in a benchmark)."""
     pairs = []
     for name in names:
         pairs.append((name, _device_of(name)))
@@ -36,8 +36,8 @@ def backend_devices(names=backends.NAMES, *, interpreter_ok: bool = True):
         reason = backends._why_unavailable(name)
         if reason is None and device == "cuda" and not torch.cuda.is_available():
             reason = "no CUDA device"
-        if reason is None and name == "triton" and device == "cpu" and not interpreter_ok:
-            reason = "the Triton CPU interpreter is too slow for this test's shapes"
+        if reason is None and interpreter_skip and interpreted(name, device):
+            reason = interpreter_skip
         marks = pytest.mark.skip(reason=f"{name} on {device}: {reason}") if reason else ()
         params.append(pytest.param(name, device, marks=marks, id=f"{name}-{device}"))
     return params

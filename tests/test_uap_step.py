@@ -133,11 +133,14 @@ def test_perturbed_linear_forward_matches_reference(backend, device, b, k, shape
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("has_bias,relu", [(True, True), (False, False), (True, False)], ids=str)
-def test_perturbed_linear_backward_matches_autograd_of_reference(backend, device, has_bias, relu):
+@pytest.mark.parametrize("b,k,fan_in,out_features", [(3, 2, 5, 4), (17, 2, 18, 17)], ids=str)
+def test_perturbed_linear_backward_matches_autograd_of_reference(backend, device, has_bias, relu, b, k, fan_in,
+                                                                 out_features):
+    """float64; 17 samples, 18 inputs and 17 outputs leave partial tiles in a tiled kernel."""
     forward, backward = perturbed_linear_launchers(backend)
-    x, delta = kink_free(3, 2, (5,), device=device)
-    weight = torch.randn(2, 4, 5, dtype=F64, device=device)
-    bias = torch.randn(2, 4, dtype=F64, device=device) if has_bias else None
+    x, delta = kink_free(b, k, (fan_in,), device=device)
+    weight = torch.randn(2, out_features, fan_in, dtype=F64, device=device)
+    bias = torch.randn(2, out_features, dtype=F64, device=device) if has_bias else None
     out, mask = forward(x, delta, weight, bias, relu)
     grad_out = torch.randn_like(out)
     got = backward(grad_out, x, delta, weight, mask)
