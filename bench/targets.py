@@ -122,8 +122,8 @@ def format_targets(results: Sequence[dict], arch: str, m: int) -> str:
     lines = [f"Targets ({arch}, M={m}, automatic backend; checked, not asserted):", ""]
     for result in results:
         status = "n/a " if result["ok"] is None else ("PASS" if result["ok"] else "MISS")
-        value = "not measured" if result["ratio"] is None else f"{result['ratio']:.2f}x"
-        lines.append(f"- {status} {result['target']}: measured {value}"
+        value = "not measured" if result["ratio"] is None else f"measured {result['ratio']:.2f}x"
+        lines.append(f"- {status} {result['target']}: {value}"
                      + (" (noisy: a row it uses was disturbed by other work)" if result["noisy"] else ""))
     return "\n".join(lines)
 
