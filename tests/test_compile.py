@@ -53,6 +53,22 @@ def test_registered_ops_pass_opcheck(dtype):
         torch.library.opcheck(op.default, args)
 
 
+@needs_extension
+@pytest.mark.parametrize("shared", [True, False])
+def test_forward_ops_registered_autograd_gradcheck_float64(shared):
+    """The two forward ops are differentiable on their own (registered autograd), in float64."""
+    torch.manual_seed(0)
+    m, s, b, f_out, f_in = 2, 2, 3, 4, 5
+    x = torch.randn(*(() if shared else (m,)), s * b, f_in, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(m, f_out, f_in, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(m, f_out, dtype=torch.float64, requires_grad=True)
+    linear = lambda x, w, b: native.OPS.stacked_linear_forward(x, w, b, s, True)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(linear, (x, weight, bias))
+    y = torch.randn(m, s, b * f_out, dtype=torch.float64, requires_grad=True)
+    epilogue = lambda y, bias: native.OPS.stream_epilogue_forward(y, bias, 1, True)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(epilogue, (y, bias))
+
+
 def _loss_fn(ensemble, mode, target, backend):
     def loss(x, y, projections):
         penalty, logits = fastjac.jacobian_penalty(ensemble, x, mode=mode, target=target, backend=backend,

@@ -2,9 +2,10 @@
 
 ``csrc/ext.cpp`` registers the schemas (TORCH_LIBRARY) and the CPU kernels; the fake (meta) kernels below
 give the output shapes without computing, so ``torch.compile`` traces through the ops (no graph break),
-and meta tensors and ``torch.export`` see them. The ops have no autograd kernel of their own: the
-autograd Functions in ``fastjac/ops`` call them in forward and backward, and differentiating those
-backward passes again (double backward) fails loudly instead of silently missing terms.
+and meta tensors and ``torch.export`` see them. The two forward ops have registered autograd (their
+backward is the matching backward op), so each is a differentiable op on its own; the engine reaches
+them through the autograd Functions of ``fastjac/ops``, which serve every backend alike. No op is
+differentiable twice: a double backward through them fails loudly instead of silently missing terms.
 
 Shapes (see the ops' modules for the semantics):
     stream_epilogue_forward(y [O,S,I], bias [O,NB]?, rep, relu) -> (out [O,S,I], mask [O,I] bool?)
@@ -46,10 +47,40 @@ def _register_fakes() -> None:
         return None
 
 
+def _register_autograd() -> None:
+    ops = torch.ops.fastjac
+
+    def epilogue_context(ctx, inputs, output):
+        _, bias, ctx.rep, _ = inputs
+        ctx.has_bias, ctx.nb = bias is not None, 0 if bias is None else bias.shape[1]
+        ctx.save_for_backward(output[1])
+
+    def epilogue_backward(ctx, grad_out, _grad_mask):
+        (mask,) = ctx.saved_tensors
+        grad_y, grad_bias = ops.stream_epilogue_backward(grad_out.contiguous(), mask, ctx.nb, ctx.rep, ctx.has_bias)
+        return grad_y, grad_bias, None, None
+
+    def linear_context(ctx, inputs, output):
+        x, weight, bias, ctx.streams, _ = inputs
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, output[1])
+
+    def linear_backward(ctx, grad_out, _grad_mask):
+        x, weight, mask = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = ops.stacked_linear_backward(
+            grad_out.contiguous(), x, weight, mask, ctx.streams, ctx.has_bias, ctx.needs_input_grad[0])
+        return grad_x, grad_weight, grad_bias, None, None
+
+    torch.library.register_autograd("fastjac::stream_epilogue_forward", epilogue_backward,
+                                    setup_context=epilogue_context)
+    torch.library.register_autograd("fastjac::stacked_linear_forward", linear_backward, setup_context=linear_context)
+
+
 try:
     from fastjac import _C  # noqa: F401  (loading it registers the torch.ops.fastjac library)
 except ImportError:
     OPS = None  # the extension is optional: the cpp backend reports itself unavailable (fastjac.backends)
 else:
     _register_fakes()
+    _register_autograd()
     OPS = torch.ops.fastjac
