@@ -110,8 +110,9 @@ def test_launchers_selection():
 
 
 @needs_backend("cpp")
-def test_launchers_cpp_are_the_extension():
-    assert se.launchers("cpp") == (fastjac._C.stream_epilogue_forward, fastjac._C.stream_epilogue_backward)
+def test_launchers_cpp_are_the_extension_ops():
+    """The extension's kernels through the dispatcher (torch.ops.fastjac: visible to torch.compile)."""
+    assert se.launchers("cpp") == (torch.ops.fastjac.stream_epilogue_forward, torch.ops.fastjac.stream_epilogue_backward)
 
 
 @needs_backend("cpp")
