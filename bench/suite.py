@@ -14,7 +14,7 @@ from fastjac import benchmark as harness
 from fastjac.ensemble import Ensemble
 
 DEVICE = "cpu"
-# Seen once in a smoke run (torch 2.13, CPU), not reproduced in four reruns: open upstream, size-dependent
+# torch 2.13, CPU: fails in the full suite's process (after other compiled cases), passes run alone; open upstream
 COMPILED_JVP_BUG = ("torch.compile of the backward of torch.func.jvp can fail with 'ZeroTensors are immutable' "
                     "(pytorch/pytorch#177261, open)")
 
