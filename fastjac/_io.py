@@ -10,7 +10,6 @@ from them; every error names the file.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import inspect
 import math
 import os
@@ -18,6 +17,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): outputs are written atomically but not locked
+    fcntl = None
 
 MODEL_FORMAT = "fastjac-model/1"
 UAP_FORMAT = "fastjac-uap/1"
@@ -165,9 +169,13 @@ def output_lock(path):
 
     Raises OutputInUse at once when another process holds it (a second run into the same output would redo
     or clobber the first one's work). The lock is an fcntl lock: the kernel releases it when the process
-    dies, so a killed run never leaves a stale lock; the lock file itself stays (empty of meaning)."""
+    dies, so a killed run never leaves a stale lock; the lock file itself stays (empty of meaning). Without
+    fcntl (not POSIX) the block runs unlocked."""
     lock = _lock_path(Path(path))
     lock.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
     handle = open(lock, "a+")
     try:
         try:
@@ -199,8 +207,8 @@ def load(path, what: str = "checkpoint"):
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as error:
-        raise OSError(error.errno, f"cannot read {what} {path}: {error.strerror}") from None
+    except OSError:  # unreadable (permissions, I/O): its own message names the file
+        raise
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a corrupt or foreign file
         raise ValueError(f"{what} {path} is corrupt or not a fastjac file: {error}") from error
 
