@@ -63,12 +63,13 @@ def check_choice(value, choices, name: str) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def check_int(value, name: str, minimum: int = 1) -> int:
-    """An int (not a bool) >= minimum."""
+def check_int(value, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+    """An int (not a bool) in [minimum, maximum]."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
     return value
 
 

@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=POSITIVE_INT, default=2)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=128)
     p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p.add_argument("--samples", type=POSITIVE_INT, default=None, help="train on a random subset of this many images")
     p.add_argument("--out", required=True, help="model file to write (training resumes from OUT.ckpt)")
     _add_force(p, "OUT and OUT.ckpt")

@@ -28,6 +28,7 @@ from fastjac.ensemble import Ensemble
 from fastjac.jacobian import MODES, TARGETS, penalty_and_logits
 
 MEMBER_DATA = ("shared", "independent")
+MAX_SEED = 2**40  # the generators' seeds, seed * 1_000_003 + epoch, must fit a 64-bit integer
 
 
 @dataclass
@@ -116,7 +117,7 @@ def _load_checkpoint(checkpoint, config: dict, epochs: int) -> dict:
     return state
 
 
-def _check_arguments(model, x, y, *, epochs, batch_size, lr, jr_target, jr_mode, nproj, member_data,
+def _check_arguments(model, x, y, *, epochs, batch_size, lr, jr_target, jr_mode, nproj, seed, member_data,
                      backend) -> int:
     """Every argument of ``train`` checked before any compute; returns the number of classes."""
     check_inputs(x, "data x", values=False)
@@ -128,6 +129,7 @@ def _check_arguments(model, x, y, *, epochs, batch_size, lr, jr_target, jr_mode,
         check_nproj(nproj, jr_mode)
     check_int(epochs, "epochs", 0)
     check_int(batch_size, "batch_size", 1)
+    check_int(seed, "seed", 0, MAX_SEED)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or not lr > 0:
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if backend is not None:
@@ -158,7 +160,7 @@ def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: flo
     """
     x, y = data
     classes = _check_arguments(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, jr_target=jr_target,
-                               jr_mode=jr_mode, nproj=nproj, member_data=member_data, backend=backend)
+                               jr_mode=jr_mode, nproj=nproj, seed=seed, member_data=member_data, backend=backend)
     is_ensemble = isinstance(model, Ensemble)
     members = model.num_members if is_ensemble else 1
     if member_data == "independent" and not is_ensemble:

@@ -163,8 +163,6 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
     model.eval()
     f = perturbed_logits(model, backend)
     delta, result, started = None, None, time.perf_counter()
-    # a targeted attack descends the CE toward its class: the loss is negated
-    signs = [1.0 if t is None else -1.0 for t in targets]
     try:
         for epoch in range(epochs):
             seen = 0
@@ -174,15 +172,16 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
                     per_pass = perturbations_per_pass(model, x, len(eps))
                     eps_t = torch.tensor(eps, dtype=x.dtype, device=x.device)
                     step_t = eps_t * step_decay
-                    signs_t = torch.tensor(signs, dtype=x.dtype, device=x.device)
                     result = UAPResult(delta, eps, targets)
+                    # a targeted attack descends the CE toward its class: the loss is negated
+                    signs = torch.tensor([1.0 if t is None else -1.0 for t in targets], dtype=x.dtype, device=x.device)
                 labels = torch.stack([y if t is None else torch.full_like(y, t) for t in targets])  # [K, B]
                 grads, losses = [], []
                 for part in (slice(start, start + per_pass) for start in range(0, len(eps), per_pass)):
                     trial = delta[part].detach().requires_grad_(True)
                     logits = f(x, trial)  # [k*B, C]
                     ce = F.cross_entropy(logits, labels[part].flatten(), reduction="none").view(trial.shape[0], -1)
-                    part_losses = signs_t[part] * ce.clamp(max=beta).mean(dim=1)  # each delta_k sees its own term
+                    part_losses = signs[part] * ce.clamp(max=beta).mean(dim=1)  # each delta_k sees its own term
                     grads.append(torch.autograd.grad(part_losses.sum(), trial)[0])
                     losses.append(part_losses.detach())
                 delta = uap_step.sign_step(delta, torch.cat(grads), step_t, eps_t, name)

@@ -542,6 +542,12 @@ def test_batches_that_change_between_epochs(data):
         fastjac.sgd_uap(models.mlp(hidden=(8,)), Shrinking(), eps=0.1, epochs=2)
 
 
+@pytest.mark.parametrize("seed, error", [(-1, ValueError), (2**70, ValueError), (1.5, TypeError)])
+def test_seed_is_checked(data, seed, error):
+    with pytest.raises(error, match="seed must be"):
+        fastjac.train(models.mlp(hidden=(8,)), data, epochs=1, seed=seed, progress=False)
+
+
 def test_jr_lambda_overflowing_float32(data):
     with pytest.raises(ValueError, match=r"jr_lambda = 1e\+39 overflows float32"):
         fastjac.train(models.mlp(hidden=(8,)), data, epochs=1, jr_lambda=1e39, progress=False)
