@@ -34,8 +34,12 @@ def check_labels(y: torch.Tensor, batch: int, num_classes: int | None = None, na
         raise ValueError(f"{name} must have shape [{batch}] to match the inputs, got {tuple(y.shape)}")
     if device is not None and y.device != device:
         raise ValueError(f"{name} is on {y.device} but the inputs are on {device}; put them on one device")
-    if values and batch and (int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes)):
-        raise ValueError(f"{name} has labels outside [0, {num_classes})")
+    if values and batch:
+        low, high = torch.aminmax(y)
+        low, high = int(low), int(high)
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            allowed = ">= 0" if num_classes is None else f"in [0, {num_classes}) (the model's classes)"
+            raise ValueError(f"{name} has labels from {low} to {high}; labels must be {allowed}")
 
 
 def check_eps(eps) -> list[float]:

@@ -132,7 +132,8 @@ def _check_batches(model: nn.Module, batches, targets: list) -> tuple[int, int]:
         if not ok:
             raise ValueError(f"batch {index} x contains NaN or inf values")
         if lo < 0 or hi >= classes:
-            raise ValueError(f"batch {index} y has labels outside [0, {classes}) (the model's classes)")
+            raise ValueError(f"batch {index} y has labels from {lo:g} to {hi:g}; labels must be in [0, {classes}) "
+                             f"(the model's classes)")
     warn_outside_unit_range(min(low), max(high), "batches x")
     for value in targets:
         if value is not None and value >= classes:

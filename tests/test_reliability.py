@@ -102,7 +102,7 @@ def test_divergence_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
 def test_evaluate_rejects_labels_beyond_the_models_classes(data):
     x, y = data
     five = models.mlp(hidden=(8,), num_classes=5)
-    with pytest.raises(ValueError, match=r"y has labels outside \[0, 5\)"):
+    with pytest.raises(ValueError, match=r"y has labels from 0 to 9; labels must be in \[0, 5\)"):
         fastjac.evaluate(five, x, y)  # Fashion-MNIST labels go to 9
 
 
@@ -110,7 +110,7 @@ def test_evaluate_cli_rejects_a_model_with_fewer_classes(tmp_path, capsys):
     path = tmp_path / "five.pt"
     _io.save_model(models.build("mlp", num_classes=5), path, arch="mlp", arch_kwargs={"num_classes": 5})
     assert main(["evaluate", "--model", str(path)]) == 2
-    assert "labels outside [0, 5)" in error_line(capsys)
+    assert "labels must be in [0, 5) (the model's classes)" in error_line(capsys)
 
 
 @pytest.mark.parametrize("chunk_size, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)])
@@ -556,6 +556,15 @@ def test_jr_lambda_overflowing_float32(data):
 def test_huge_nproj_says_how_much_memory(data):
     with pytest.raises(ValueError, match=r"nproj = 1000000000 needs at least [\d.e+]+ GiB.*lower nproj"):
         fastjac.train(models.mlp(hidden=(8,)), data, epochs=1, jr_lambda=0.1, nproj=10**9, progress=False)
+
+
+def test_sgd_uap_labels_beyond_the_models_classes(data):
+    """Checked in the pass before the attack (on a GPU, CE with such a label is a device-side assert)."""
+    x, y = data
+    bad = y[32:].clone()
+    bad[3] = 10
+    with pytest.raises(ValueError, match=r"batch 1 y has labels from \d+ to 10; labels must be in \[0, 10\)"):
+        fastjac.sgd_uap(models.mlp(hidden=(8,)), [(x[:32], y[:32]), (x[32:], bad)], eps=0.1)
 
 
 def test_target_beyond_the_models_classes(data):
