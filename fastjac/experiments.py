@@ -243,8 +243,11 @@ def is_results_directory(directory: Path) -> bool:
 
 
 def check_output(out, force: bool = False) -> Path:
-    """reproduce's output directory usable before any work: not a file, writable, and no file of another
-    program where results go (unless ``force``)."""
+    """reproduce's output directory usable before any work: not a file, writable, a results.json that is
+    readable (a damaged one is an error naming it, never overwritten), and no file of another program where
+    results go (unless ``force``)."""
+    if Path(out).is_dir():
+        _read_results(Path(out) / "results.json")
     return _io.check_output_directory(out, OUTPUTS, is_results_directory, force=force)
 
 

@@ -247,11 +247,12 @@ def test_a_directory_as_model_file(tmp_path, capsys):
 def test_corrupt_results_json_is_named_and_kept(tmp_path, capsys):
     out = tmp_path / "r"
     out.mkdir()
-    (out / _io.DIRECTORY_LOCK).touch()  # a directory an earlier (killed) reproduce created
     (out / "results.json").write_text("{not json")
-    assert main(["reproduce", "--preset", "smoke", "--out", str(out)]) == 2
-    assert str(out / "results.json") in error_line(capsys)
-    assert (out / "results.json").read_text() == "{not json"
+    for force in ([], ["--force"]):
+        assert main(["reproduce", "--preset", "smoke", "--out", str(out), *force]) == 2
+        line = error_line(capsys)
+        assert str(out / "results.json") in line and "not valid JSON" in line
+        assert (out / "results.json").read_text() == "{not json"
 
 
 def test_interrupt_removes_the_half_written_file_and_exits_130(tmp_path, capsys, monkeypatch):
