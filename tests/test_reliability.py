@@ -268,8 +268,9 @@ def test_interrupt_removes_the_half_written_file_and_exits_130(tmp_path, capsys,
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
-def test_ctrl_c_in_a_real_run_exits_130_and_resumes(tmp_path):
-    """SIGINT to a real `train` once its first checkpoint exists; the rerun finishes from that checkpoint."""
+def test_ctrl_c_in_a_real_run_exits_130_leaving_a_resumable_checkpoint(tmp_path):
+    """SIGINT to a real `train` once its first checkpoint exists: one line, exit 130, no temporary file, and a
+    complete checkpoint to resume from (resuming itself is tested in test_train.py)."""
     command = [sys.executable, "-m", "fastjac", "train", "--epochs", "40", "--samples", "4000", "--out", "m.pt"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     # a shell starts background jobs with SIGINT ignored: give the child the default disposition back
@@ -624,6 +625,18 @@ def test_sgd_uap_syncs_a_constant_number_of_times(data, count_syncs):
                         eps=[0.1, 0.2], target=[None, 3], epochs=epochs)
         counts.append(len(count_syncs))
     assert counts[0] == counts[1] <= 3, counts
+
+
+def test_evaluate_syncs_once_whatever_the_chunks(data, count_syncs):
+    x, y = data
+    model = Ensemble([models.mlp(hidden=(8,)) for _ in range(2)])
+    delta = torch.zeros(2, 1, 28, 28)
+    counts = []
+    for chunk_size in (64, 4):
+        count_syncs.clear()
+        fastjac.evaluate(model, x, y, delta, chunk_size=chunk_size)
+        counts.append(len(count_syncs))
+    assert counts[0] == counts[1], counts
 
 
 # ----------------------------------------------------------- issue 12 item 1: generators follow the data
