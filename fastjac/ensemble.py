@@ -137,8 +137,12 @@ class Ensemble(nn.Module):
         if per_member and x.shape[0] != self.num_members:
             raise ValueError(f"per-member inputs must be [M={self.num_members}, B, ...], got {tuple(x.shape)}")
         if self.fused():
-            logits, _, _ = self.engine(backend).forward(x, per_member=per_member)
-            return logits
+            run = self.engine(backend)
+            if x.requires_grad and torch.is_grad_enabled():  # Hoffman-style code: keep what JacobianReg needs
+                from fastjac.jacobian import recorded_logits  # (jacobian imports this module)
+
+                return recorded_logits(run, x, per_member)
+            return run.forward(x, per_member=per_member)[0]
         params = {name: tensor for name, tensor in self.params().items()}
         params.update(self.buffers_by_name())
         template = self._template[0]
@@ -151,7 +155,10 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Ensemble output: mean of member logits, [B, C]."""
-        return self.member_logits(x).mean(dim=0)
+        from fastjac.jacobian import record_mean  # a recorded pass (x requires grad) carries over
+
+        logits = self.member_logits(x)
+        return record_mean(logits, logits.mean(dim=0))
 
     def extra_repr(self) -> str:
         path = "stacked engine" if self.layers is not None else f"generic path: {self.unsupported}"

@@ -7,9 +7,10 @@ model with about M times a member's parameters (wider layers) and its own JR gri
 attacked with SGD-UAP over the whole eps grid in one batched run (fitted on training data), and evaluated
 on the test set. Every finished (configuration, seed) is written to results.json at once, so a rerun
 into the same directory skips it; training checkpoints each epoch, so an interrupted configuration
-resumes too. The frontier presets add the trade-off frontiers with bootstrap intervals
-(``fastjac.frontier``), a SGD-UAP over several batch orders (restarts), and an attack-strength check
-(longer attacks over more orders on a few models).
+resumes too. A run holds a lock on its directory (no job is ever done twice by two runs), and every file
+is written atomically under a unique temporary name. The frontier presets add the trade-off frontiers
+with bootstrap intervals (``fastjac.frontier``), a SGD-UAP over several batch orders (restarts), and an
+attack-strength check (longer attacks over more orders on a few models).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from fastjac import __version__, data, frontier, models
+from fastjac import __version__, _io, data, frontier, models
+from fastjac._checks import check_int
 from fastjac.ensemble import Ensemble
 from fastjac.metrics import evaluate
 from fastjac.train import train
@@ -261,6 +263,8 @@ def _cpu_name() -> str:
 
 def subset(x, y, count, seed):
     """A seeded random subset of ``count`` samples (all of them when count is None or too large)."""
+    if count is not None:
+        check_int(count, "samples", 1)
     if count is None or count >= x.shape[0]:
         return x, y
     index = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
@@ -276,6 +280,7 @@ def _train_model(config: Configuration, seed: int, preset: Preset, arch: str, tr
         return models.build(arch, **config.arch_kwargs)
 
     model = Ensemble([member() for _ in range(config.members)]) if config.members else member()
+    model = model.to(train_data[0].device)
     lam = config.jr_lambda if config.members else float(config.jr_lambda)
     checkpoint = out / "checkpoints" / f"{config.name}-seed{seed}.pt"
     train(model, train_data, epochs=preset.epochs, batch_size=preset.batch_size, jr_lambda=lam,
@@ -333,7 +338,8 @@ def _run_one(config: Configuration, seed: int, preset: Preset, arch: str, train_
                       progress=progress)[0]
     attack_seconds = time.perf_counter() - started
     metrics = evaluate(model, *test_data, attack.delta)
-    torch.save(attack.delta, out / "uaps" / f"{config.name}-seed{seed}.pt")
+    _io.save_uap(out / "uaps" / f"{config.name}-seed{seed}.pt", attack.delta, attack.eps, attack.targets,
+                 meta={"configuration": config.name, "seed": seed, "arch": arch})
     save_uap_image(attack.delta, preset.eps, out / "uaps" / f"{config.name}-seed{seed}.png", config.name)
     keyed = lambda values: {f"{e:g}": v for e, v in zip(preset.eps, values)}  # noqa: E731
     return {"name": config.name, "kind": config.kind, "members": max(config.members, 1), "jr_lambda": config.jr_lambda,
@@ -399,6 +405,7 @@ def attack_check_markdown(entries: list[dict], preset: Preset, monotonicity: lis
 
 
 def save_uap_image(delta: torch.Tensor, eps, path: Path, title: str) -> None:
+    """A PNG of the K perturbations ``delta [K, 1, H, W]`` side by side, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,8 +417,10 @@ def save_uap_image(delta: torch.Tensor, eps, path: Path, title: str) -> None:
         axis.set_title(f"eps={value:g}", fontsize=8)
         axis.axis("off")
     figure.suptitle(title, fontsize=8)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
+    try:
+        _io.atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(figure)
 
 
 def summarize(rows: list[dict], eps) -> list[dict]:
@@ -478,8 +487,47 @@ def plot_tradeoff(rows: list[dict], eps, path: Path) -> None:
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=k) for k, c in colors.items()]
     axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        _io.atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
+    finally:
+        plt.close(figure)
+
+
+# What reproduce writes into its output directory (results.json marks the directory as fastjac's own).
+OUTPUTS = ("results.json", "results.md", "tradeoff.png", "uaps", "checkpoints", "frontier.md", "frontier.json",
+           "frontier.png", "frontier-gaps.png")
+
+
+def _read_results(path: Path) -> dict | None:
+    """results.json of an earlier run, or None; a damaged file is an error naming it (never overwritten)."""
+    if not path.exists():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); it is not overwritten: repair or remove it, or "
+                         f"choose another --out") from None
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or "study" not in results:
+        raise ValueError(f"{path} is not a fastjac reproduce results file (expected keys study and rows); choose "
+                         f"another --out")
+    return results
+
+
+def is_results_directory(directory: Path) -> bool:
+    """True when ``directory`` holds a readable results.json of reproduce: fastjac's own output."""
+    try:
+        return _read_results(Path(directory) / "results.json") is not None
+    except (OSError, ValueError):
+        return False
+
+
+def check_output(out, force: bool = False) -> Path:
+    """reproduce's output directory usable before any work: not a file, writable, a results.json that is
+    readable (a damaged one is an error naming it, never overwritten), and no file of another program where
+    results go (unless ``force``)."""
+    if Path(out).is_dir():
+        _read_results(Path(out) / "results.json")
+    return _io.check_output_directory(out, OUTPUTS, is_results_directory, force=force)
 
 
 def write_frontier_outputs(results: dict, preset: Preset, out: Path, heading: str) -> dict:
@@ -487,6 +535,7 @@ def write_frontier_outputs(results: dict, preset: Preset, out: Path, heading: st
     the comparison), frontier.png (the frontiers) and frontier-gaps.png (the summary); returns the report."""
     rows = results["rows"]
     report = frontier.compare(rows, preset.eps)
+
     def method_line(method: str) -> str:
         points = {row["name"]: row["parameters"] for row in rows if method in row["frontiers"]}
         sizes = ", ".join(f"{count / 1e6:.2f}" for count in sorted(set(points.values())))
@@ -497,8 +546,8 @@ def write_frontier_outputs(results: dict, preset: Preset, out: Path, heading: st
             f"![frontiers](frontier.png)\n\n![gaps](frontier-gaps.png)\n\n"
             f"## UAP accuracy at matched clean accuracy\n\n{frontier.markdown_report(report)}\n"
             + attack_check_markdown(results.get("attack_check", []), preset, frontier.eps_monotonicity(rows, preset.eps)))
-    _write_text(out / "frontier.md", text)
-    _write_text(out / "frontier.json", json.dumps(_json_safe(report), indent=2))
+    _io.atomic_write_text(out / "frontier.md", text)
+    _io.atomic_write_text(out / "frontier.json", json.dumps(_json_safe(report), indent=2))
     frontier.plot_frontiers(report, out / "frontier.png")
     frontier.plot_gaps(report, out / "frontier-gaps.png")
     return report
@@ -516,8 +565,10 @@ def _json_safe(value):
 
 
 def reproduce(*, dataset: str = "fashion-mnist", arch: str | None = None, preset: str = "quick", out="runs/reproduce",
-              root=None, progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out``; returns the results.json content.
+              root=None, progress: bool = True, device=None, force: bool = False) -> dict:
+    """Run (or resume) the study into ``out`` on ``device`` (default: the CPU); returns the results.json
+    content. The directory is locked for the run (a second run into it raises OutputInUse), and temporary
+    files a killed run left there are removed at the start.
 
     arch: the member architecture (default: the one the preset is sized for, ``Preset.arch``).
     """
@@ -526,16 +577,25 @@ def reproduce(*, dataset: str = "fashion-mnist", arch: str | None = None, preset
     settings = PRESETS[preset]
     arch = settings.arch if arch is None else arch
     models.build(arch)  # fail early on an unknown architecture
-    out = Path(out)
-    (out / "uaps").mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu" if device is None else device)
+    out = check_output(out, force)
+    out.mkdir(parents=True, exist_ok=True)
+    with _io.output_lock(out):
+        for directory in (out, out / "uaps", out / "checkpoints"):
+            _io.remove_orphans(directory)
+        return _reproduce_locked(dataset, arch, preset, settings, out, root, progress, device)
+
+
+def _reproduce_locked(dataset, arch, preset, settings, out: Path, root, progress, device) -> dict:
+    (out / "uaps").mkdir(exist_ok=True)
     results_path = out / "results.json"
     identity = {"dataset": dataset, "arch": arch, "preset": preset, "settings": asdict(settings)}
     identity["settings"] = json.loads(json.dumps(identity["settings"]))  # tuples -> lists, as read back
     results = {"study": identity, "environment": _environment(), "rows": []}
     if settings.attack_check is not None:
         results["attack_check"] = []
-    if results_path.exists():
-        previous = json.loads(results_path.read_text())
+    previous = _read_results(results_path)
+    if previous is not None:
         if previous.get("study") != identity:
             raise ValueError(f"{results_path} holds a study with other settings ({previous.get('study')}); "
                              f"use another --out")
@@ -547,8 +607,8 @@ def reproduce(*, dataset: str = "fashion-mnist", arch: str | None = None, preset
     if progress:
         _print_plan(preset, settings, arch, configs, done)
 
-    train_data = subset(*data.load(dataset, "train", root), settings.train_samples, 0)
-    test_data = subset(*data.load(dataset, "test", root), settings.test_samples, 0)
+    train_data = [t.to(device) for t in subset(*data.load(dataset, "train", root), settings.train_samples, 0)]
+    test_data = [t.to(device) for t in subset(*data.load(dataset, "test", root), settings.test_samples, 0)]
     jobs = [(c, s) for s in settings.seeds for c in configs]
     pace = _Pace(settings, arch)
     for number, (config, seed) in enumerate(jobs, start=1):
@@ -562,17 +622,17 @@ def reproduce(*, dataset: str = "fashion-mnist", arch: str | None = None, preset
         results["rows"].append(row)
         done.add((config.name, seed))
         pace.finished(config, time.perf_counter() - started)
-        _write_text(results_path, json.dumps(results, indent=2))
+        _io.atomic_write_text(results_path, json.dumps(results, indent=2))
         if progress:
             accuracies = ", ".join(f"ε={e}: {100 * a:.1f}%" for e, a in row["uap_accuracy"].items())
             print(f"    clean {100 * row['clean_accuracy']:.1f}%, UAP {accuracies} "
                   f"(train {row['train_seconds']:.0f}s, attack {row['attack_seconds']:.0f}s)", file=sys.stderr, flush=True)
     if settings.attack_check is not None:
         _run_attack_check(results, results_path, settings, arch, configs, train_data, test_data, out, progress)
-    _write_text(results_path, json.dumps(results, indent=2))
+    _io.atomic_write_text(results_path, json.dumps(results, indent=2))
     heading = f"fastjac reproduce: {dataset}, {arch}, preset {preset}"
     table = markdown_table(results["rows"], settings.eps)
-    _write_text(out / "results.md", f"# {heading}\n\n{table}")
+    _io.atomic_write_text(out / "results.md", f"# {heading}\n\n{table}")
     plot_tradeoff(results["rows"], settings.eps, out / "tradeoff.png")
     files = "results.json, results.md, tradeoff.png, uaps/"
     if settings.frontier:
@@ -601,7 +661,7 @@ def _run_attack_check(results: dict, results_path: Path, settings: Preset, arch:
             entry = _attack_check_one(by_name[name], seed, settings, arch, rows[(name, seed)], train_data, test_data,
                                       out, progress)
             results["attack_check"].append(entry)
-            _write_text(results_path, json.dumps(results, indent=2))
+            _io.atomic_write_text(results_path, json.dumps(results, indent=2))
             if progress:
                 drops = ", ".join(f"ε={k}: {100 * v:+.1f}" for k, v in entry["drop"].items())
                 print(f"    UAP accuracy drop (points) {drops}{'  FLAGGED' if entry['flagged'] else ''} "
@@ -640,9 +700,3 @@ class _Pace:
         pace = self.measured / self.estimated if self.estimated else 1.0
         return f", ~{pace * left / 60:.0f} min left"
 
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic text write: results.json is never left half-written by an interruption."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)

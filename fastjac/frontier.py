@@ -23,6 +23,8 @@ import math
 
 import numpy as np
 
+from fastjac import _io
+
 # Method order: single models first; a pair (A, B) compares a later method A with an earlier B (A - B).
 METHODS = ("jr", "wide-jr", "je-members", "je-ensemble", "je-mixed")
 
@@ -337,6 +339,16 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _save(figure, path) -> None:
+    """A PNG written atomically (never half a file after an interruption); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        _io.atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
+    finally:
+        plt.close(figure)
+
+
 def plot_frontiers(report: dict, path) -> None:
     """One panel per eps: each method's points (hollow: dominated; black diamonds: points of several
     methods), its envelope as a line and its bootstrap band; a legend names the methods."""
@@ -378,8 +390,7 @@ def plot_frontiers(report: dict, path) -> None:
                         f"{100 * report['level']:g}% bootstrap interval; black diamonds: points of several frontiers, "
                         f"e.g. the plain ensemble)", title_fontsize=8)
     figure.tight_layout(rect=(0, 0.12, 1, 1))
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_gaps(report: dict, path) -> None:
@@ -433,5 +444,4 @@ def plot_gaps(report: dict, path) -> None:
             if column == 0 and axis.get_legend_handles_labels()[0]:  # no curve without a common range
                 axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)

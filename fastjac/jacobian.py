@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dataclasses import dataclass, replace
+
 from fastjac import backends, engine, reference
-from fastjac._checks import check_choice, check_inputs, check_nproj
+from fastjac._checks import check_choice, check_inputs, check_matches_model, check_model_input, check_nproj
 from fastjac.ensemble import Ensemble, fused_view
 from fastjac.ops import linear_chain
 
@@ -66,8 +68,12 @@ def penalty_and_logits(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mod
     """
     check_choice(mode, MODES, "mode")
     check_choice(target, TARGETS, "target")
+    # a scan of the values is a data-dependent branch, which would break a torch.compile graph: a
+    # compiled step checks shapes only
+    check_values = check_values and not torch.compiler.is_compiling()
     if check_values:
         check_inputs(x, "x")
+    check_matches_model(model, x)
     if mode != "exact":
         check_nproj(nproj, mode)
     is_ensemble = isinstance(model, Ensemble)
@@ -80,12 +86,19 @@ def penalty_and_logits(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mod
         _check_projections(projections, mode if mode != "exact" else "vjp", shared_shape, None, check_values)
 
     fused = None if mode == "exact" else fused_view(model)
-    if fused is not None:
-        layers, params = fused
-        run = engine.Engine(layers, params, backends.resolve(backend, x.device.type))
-        logits, penalty = _fused_penalty(run, x, mode, nproj, target, projections, per_member, shared_shape, generator)
-    else:
-        logits, penalty = _reference_penalty(model, x, mode, nproj, target, projections, per_member, shared_shape, generator)
+    try:
+        if fused is not None:
+            layers, params = fused
+            run = engine.Engine(layers, params, backends.resolve(backend, x.device.type))
+            logits, penalty = _fused_penalty(run, x, mode, nproj, target, projections, per_member, shared_shape,
+                                             generator)
+        else:
+            logits, penalty = _reference_penalty(model, x, mode, nproj, target, projections, per_member,
+                                                 shared_shape, generator)
+    except (RuntimeError, ValueError):  # torch's shape errors, or a fused op's validator
+        # x's sample shape is the usual cause: a dry run of one row says so clearly (no cost on success)
+        check_model_input(model, x[0] if per_member else x, "x")
+        raise
     if not is_ensemble or target == "ensemble":
         penalty = penalty.reshape(())
     return logits, penalty
@@ -105,10 +118,16 @@ def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_
         return logits, streams.pow(2).sum(dim=(1, 2, 3)) / (u.shape[0] * batch)
     logits, _, tape = run.forward(x, per_member=per_member, record=True)
     v, scale = _vjp_projections(projections, nproj, shared_shape, logits.shape[-1], generator, x)
+    return logits, _tape_penalty(run, tape, v, scale, target, batch)
+
+
+def _tape_penalty(run: engine.Engine, tape, v, scale: float, target: str, batch: int) -> torch.Tensor:
+    """Hoffman's estimate from a recorded engine pass: scale * ||v^T J||^2 per member [M], or of J_ens =
+    mean_m J_m ([1], target "ensemble"); v [P, B, C]."""
     g = run.cotangent(tape, v, batch)  # [M, P, B, *input]
     if target == "ensemble":
         g = g.mean(0, keepdim=True)
-    return logits, scale * g.pow(2).flatten(1).sum(dim=1)
+    return scale * g.pow(2).flatten(1).sum(dim=1)
 
 
 def _vjp_projections(projections, nproj, shared_shape, classes: int, generator, x):
@@ -194,11 +213,76 @@ def jacobian_penalty(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mode:
     return penalty, (logits if isinstance(model, Ensemble) else logits.squeeze(0))
 
 
+@dataclass(frozen=True)
+class ForwardRecord:
+    """What an Ensemble's forward keeps, when its input requires grad, so that ``JacobianReg`` can form
+    Hoffman's penalty from that same pass (no second forward, no double backward).
+
+    ``x`` is the input the pass ran on ([B, *input], or [M, B, *input] per member); ``target`` is
+    "members" for ``member_logits`` (one penalty per member) and "ensemble" for the mean output.
+    Exactly one of ``chain`` (a Linear(+ReLU) chain's saved activations) and ``run``/``tape`` (the
+    layer-by-layer engine's tape) is set.
+    """
+    x: torch.Tensor
+    per_member: bool
+    target: str
+    chain: linear_chain.ChainRecord | None = None
+    run: engine.Engine | None = None
+    tape: engine.Tape | None = None
+
+    def penalty(self, nproj: int, classes: int) -> torch.Tensor:
+        """Hoffman's estimate with ``nproj`` fresh unit projections (-1: the exact basis), drawn from the
+        global generator exactly as the double-backprop path draws them: [M], or a scalar ("ensemble")."""
+        shared_shape = tuple(self.x.shape[1:]) if self.per_member else tuple(self.x.shape)
+        v, scale = _vjp_projections(None, nproj, shared_shape, classes, None, self.x)
+        if self.chain is not None:
+            penalty = linear_chain.recorded_penalty(self.chain, v, scale, self.target)
+        else:
+            penalty = _tape_penalty(self.run, self.tape, v, scale, self.target, shared_shape[0])
+        return penalty.reshape(()) if self.target == "ensemble" else penalty
+
+
+def recorded_logits(run: engine.Engine, x: torch.Tensor, per_member: bool) -> torch.Tensor:
+    """Member logits [M, B, C] of one engine pass that also records what Hoffman's penalty needs (the
+    ReLU masks, pool indices: the chain's activations or the engine's tape), attached to the result for
+    ``JacobianReg``. ``Ensemble.member_logits`` calls this when x requires grad (Hoffman-style code)."""
+    chain = run.linear_chain() if run.backend in linear_chain.JR_BACKENDS else None
+    if chain is not None:
+        weights, biases, relus = chain
+        saved = linear_chain.ChainRecord(run.backend, relus, weights)
+        logits = linear_chain.chain_logits(run.backend, x.flatten(2 if per_member else 1), weights, biases, relus,
+                                           saved)
+        record = ForwardRecord(x, per_member, "members", chain=saved)
+    else:
+        logits, _, tape = run.forward(x, per_member=per_member, record=True)
+        record = ForwardRecord(x, per_member, "members", run=run, tape=tape)
+    logits._fastjac_record = record
+    return logits
+
+
+def record_mean(logits: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Carries a recorded pass from member logits [M, B, C] to their mean [B, C] (the ensemble output,
+    target "ensemble"); returns ``mean``."""
+    record = getattr(logits, "_fastjac_record", None)
+    if record is not None:
+        mean._fastjac_record = replace(record, target="ensemble")
+    return mean
+
+
 class JacobianReg(nn.Module):
     """Drop-in criterion with Hoffman et al.'s semantics: ``forward(x, y) = (1/2) * estimate``.
 
-    ``y`` is the model output [B, C] computed from ``x`` (which must require grad); ``n`` projections
-    per sample, n = -1 for the exact value. Differentiable by double backprop, like the original.
+    ``y`` is the model output computed from ``x`` (which must require grad); ``n`` projections per sample,
+    n = -1 for the exact value. Two ways to run, same value for the same projections (drawn from the
+    global generator):
+
+    - ``y = ens(x)`` ([B, C], the ensemble's mean logits: target "ensemble", a scalar) or
+      ``y = ens.member_logits(x)`` ([M, B, C]: one penalty per member, [M]) of a fastjac ``Ensemble``
+      that the engine fuses: the penalty comes from what that forward recorded (the cotangent chain
+      only; no second forward, no double backward). Its gradient reaches the parameters; it adds nothing
+      to x's gradient, which for piecewise-linear members (ReLU, pooling) is exactly zero anyway.
+    - any other ``y`` [B, C] (or [M, B, C]): double backprop through the graph from x to y, like the
+      original.
     """
 
     def __init__(self, n: int = 1):
@@ -207,12 +291,39 @@ class JacobianReg(nn.Module):
         self.n = n
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError("JacobianReg: x and y must be tensors")
         if not x.requires_grad:
             raise ValueError("JacobianReg: x must require grad and y must be computed from it")
-        if y.dim() != 2 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"JacobianReg: y must be [B={x.shape[0]}, C], got {tuple(y.shape)}")
-        v = None if self.n == -1 else reference.sphere_projections(self.n, *y.shape, dtype=y.dtype, device=y.device)
-        return 0.5 * reference.penalty_vjp_outputs(x, y, v)
+        # y [B, C], or member logits [M, B, C] of a shared x [B, ...] or of per-member inputs [M, B, ...]
+        batch_ok = y.dim() == 2 and y.shape[0] == x.shape[0] or y.dim() == 3 and (
+            y.shape[1] == x.shape[0] or x.dim() > 2 and tuple(y.shape[:2]) == tuple(x.shape[:2]))
+        if not batch_ok:
+            raise ValueError(f"JacobianReg: y must be logits [B={x.shape[0]}, C] (or member logits [M, B, C]), "
+                             f"got {tuple(y.shape)}")
+        record = getattr(y, "_fastjac_record", None)
+        if record is not None:
+            if record.x is not x:
+                raise ValueError("JacobianReg: y was computed by a fastjac Ensemble from another tensor than x")
+            return 0.5 * record.penalty(self.n, y.shape[-1])
+        return 0.5 * self._double_backprop(x, y)
+
+    def _double_backprop(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Hoffman's estimator by double backprop: a scalar for y [B, C], [M] for member logits [M, B, C]."""
+        batch, classes = y.shape[-2:]
+        v = None if self.n == -1 else reference.sphere_projections(self.n, batch, classes, dtype=y.dtype,
+                                                                   device=y.device)
+        if not y.requires_grad or y.grad_fn is None:
+            raise ValueError("JacobianReg: y was not computed from x (it does not depend on any tensor that "
+                             "requires grad)")
+        try:
+            if y.dim() == 2:
+                return reference.penalty_vjp_outputs(x, y, v)
+            return torch.stack([reference.penalty_vjp_outputs(x, member, v) for member in y])
+        except RuntimeError as error:
+            if "appears to not have been used in the graph" in str(error):
+                raise ValueError("JacobianReg: y was not computed from x") from error
+            raise
 
     def extra_repr(self) -> str:
         return f"n={self.n}"

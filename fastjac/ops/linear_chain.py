@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastjac.ops import native
 from fastjac.ops.stacked_linear import stacked_product
 
 # Where the chain Functions run (the engine and jacobian ask here). The JR Function pays off on every
@@ -80,39 +81,49 @@ class ATenProducts:
         return grad_weight.baddbmm_(grad_out.transpose(1, 2), h)
 
 
-class MemberParallelProducts:
-    """The same products through the C++ extension's ``stacked_addmm_``: (member, row block) tasks over
-    the intra-op threads, each product single-threaded, operands passed as strided views (a shared input
-    as a stride-0 member dim, so no transposing copies)."""
+@torch.compiler.assume_constant_result  # a constant to torch.compile: a thread query would break the graph
+def _one_thread() -> bool:
+    return torch.get_num_threads() == 1
 
-    def __init__(self, extension):
-        self.stacked_addmm_ = extension.stacked_addmm_
+
+class MemberParallelProducts:
+    """The same products through the C++ extension's ``stacked_addmm_`` (``torch.ops.fastjac``):
+    (member, row block) tasks over the intra-op threads, each product single-threaded, operands passed
+    as strided views (a shared input as a stride-0 member dim, so no transposing copies)."""
+
+    def __init__(self, native_ops):
+        self.addmm_ = native_ops.stacked_addmm_
+        # one thread: ATen's single [R, IN] x [IN, M*OUT] GEMM for a shared input measured ~6% faster
+        # than M products
+        self.shared_input_on_aten = _one_thread()
 
     def linear(self, h, weight, bias):
-        if h.dim() == 2 and torch.get_num_threads() == 1:
-            # one thread: ATen's single [R, IN] x [IN, M*OUT] GEMM measured ~6% faster than M products
+        if h.dim() == 2 and self.shared_input_on_aten:
             return ATenProducts.linear(h, weight, bias)
         m, out_features, _ = weight.shape
         h = h.expand(m, *h.shape) if h.dim() == 2 else h
-        return self.stacked_addmm_(h.new_empty(m, h.shape[1], out_features), h, weight.transpose(1, 2), bias, False)
+        out = h.new_empty(m, h.shape[1], out_features)
+        self.addmm_(out, h, weight.transpose(1, 2), bias, False)
+        return out
 
     def matmul(self, a, b):
-        return self.stacked_addmm_(a.new_empty(a.shape[0], a.shape[1], b.shape[2]), a, b, None, False)
+        out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
+        self.addmm_(out, a, b, None, False)
+        return out
 
     def weight_grad(self, grad_weight, grad_out, h):
         h = h.expand(grad_out.shape[0], *h.shape) if h.dim() == 2 else h
         if grad_weight is None:
             return self.matmul(grad_out.transpose(1, 2), h)
-        return self.stacked_addmm_(grad_weight, grad_out.transpose(1, 2), h, None, True)
+        self.addmm_(grad_weight, grad_out.transpose(1, 2), h, None, True)
+        return grad_weight
 
 
 def products(backend: str):
     """The product implementation the chain uses on ``backend``: the C++ extension's member-parallel
     products on 'cpp' (measured ~10% faster GEMMs at 2 threads, the same at 1), ATen's elsewhere."""
     if backend == "cpp":
-        from fastjac import _C
-
-        return MemberParallelProducts(_C)
+        return MemberParallelProducts(native.OPS)
     return ATenProducts
 
 
@@ -155,9 +166,11 @@ def _forward_layers(ops, h, weights, biases, relus, batch: int, streams: int):
 
 
 def _backward_layers(ops, grad_z, inputs, output, weights, relus, has_bias, batch: int, streams: int,
-                     grad_weights: list):
+                     grad_weights: list, input_grad: bool = False):
     """Backpropagates grad_z [M, S*B, C] (at the output, before its ReLU) through the layers; weight
-    gradients accumulate into ``grad_weights`` (None entries are allocated). Returns the bias gradients."""
+    gradients accumulate into ``grad_weights`` (None entries are allocated). Returns (the bias gradients,
+    with ``input_grad`` the gradient of the chain's input x (like x: [R, IN] shared, summed over the
+    members, or [M, R, IN]), else None)."""
     activations = list(inputs[1:]) + [output]  # post-activation of each layer (primal rows first)
     grad_biases = [None] * len(weights)
     if relus[-1]:
@@ -170,19 +183,55 @@ def _backward_layers(ops, grad_z, inputs, output, weights, relus, has_bias, batc
             grad_z = ops.matmul(grad_z, weights[index])
             if relus[index - 1]:
                 grad_z = _masked(grad_z, activations[index - 1][:, :batch], streams)
-    return grad_biases
+    if not input_grad:
+        return grad_biases, None
+    if inputs[0].dim() == 2:  # a shared input: one GEMM [R, M*OUT] x [M*OUT, IN] sums over the members
+        members, rows, out_features = grad_z.shape
+        flat = grad_z.transpose(0, 1).reshape(rows, members * out_features)
+        return grad_biases, flat @ weights[0].reshape(members * out_features, -1)
+    return grad_biases, ops.matmul(grad_z, weights[0])
+
+
+def _cotangent_chain(ops, c, inputs, output, weights, relus, nproj: int):
+    """The transposed chain c -> c^T J_m: c [M, P*B, C] at the output -> ([M, P*B, IN] at the input, each
+    layer's cotangent at its pre-activation). ReLU masks come from the primal post-activations
+    (``inputs[l + 1]`` after layer l, ``output`` after the last), broadcast over the P projections."""
+    masked = [None] * len(weights)
+    for index in reversed(range(len(weights))):
+        if relus[index]:
+            c = _masked(c, inputs[index + 1] if index + 1 < len(weights) else output, nproj)
+        masked[index] = c
+        c = ops.matmul(c, weights[index])  # [M, P*B, IN]
+    return c, masked
+
+
+def _cotangent_chain_backward(ops, grad_c, masked, inputs, weights, relus, nproj: int, grad_weights: list):
+    """Gradients of the cotangent chain's weights from grad_c [M, P*B, IN] (d loss / d (c^T J_m)), input
+    side first; they accumulate into ``grad_weights`` (None entries are allocated). The masks are constant
+    almost everywhere, so the weights are the chain's only parameters."""
+    for index in range(len(weights)):
+        product = ops.matmul(masked[index].transpose(1, 2), grad_c)
+        grad_weights[index] = product if grad_weights[index] is None else grad_weights[index].add_(product)
+        if index + 1 < len(weights):
+            grad_c = ops.matmul(grad_c, weights[index].transpose(1, 2))
+            if relus[index]:
+                grad_c = _masked(grad_c, inputs[index + 1], nproj)
 
 
 class ChainLogits(torch.autograd.Function):
     """Member logits [M, B, C] of the chain, the plain training step's forward, with the same products
-    and hand-written backward as ChainPenalty (no projections, no penalty)."""
+    and hand-written backward as ChainPenalty (no projections, no penalty). With a ``record`` (a
+    ``ChainRecord``), the forward also hands out what it saved, so a penalty can be formed from this
+    pass later (``RecordedPenalty``: ``fastjac.JacobianReg`` on an Ensemble's output)."""
 
     @staticmethod
-    def forward(ctx, backend: str, relus: tuple, has_bias: tuple, x, *params):
+    def forward(ctx, backend: str, relus: tuple, has_bias: tuple, record, x, *params):
         weights, biases = _split(params, has_bias)
         inputs, output = _forward_layers(products(backend), x, weights, biases, relus, x.shape[-2], 1)
         ctx.save_for_backward(*inputs, output, *weights)
         ctx.backend, ctx.relus, ctx.has_bias = backend, relus, has_bias
+        if record is not None:
+            record.inputs, record.output = inputs, output
         return output
 
     @staticmethod
@@ -191,16 +240,65 @@ class ChainLogits(torch.autograd.Function):
         saved = ctx.saved_tensors
         inputs, output, weights = saved[:layers], saved[layers], saved[layers + 1:]
         grad_weights = [None] * layers
-        grad_biases = _backward_layers(products(ctx.backend), grad_logits.contiguous(), inputs, output, weights,
-                                       ctx.relus, ctx.has_bias, grad_logits.shape[1], 1, grad_weights)
-        return (None, None, None, None, *_join(grad_weights, grad_biases, ctx.has_bias))
+        grad_biases, grad_x = _backward_layers(products(ctx.backend), grad_logits.contiguous(), inputs, output,
+                                               weights, ctx.relus, ctx.has_bias, grad_logits.shape[1], 1,
+                                               grad_weights, input_grad=ctx.needs_input_grad[4])
+        return (None, None, None, None, grad_x, *_join(grad_weights, grad_biases, ctx.has_bias))
 
 
-def chain_logits(backend: str, x: torch.Tensor, weights, biases, relus) -> torch.Tensor:
+class ChainRecord:
+    """What a recorded chain forward keeps for a later penalty: the backend, the ReLU flags, the live
+    weights [M, OUT, IN] (the autograd leaves the penalty's gradient flows to), and, once the forward ran,
+    each layer's input (``inputs[0]`` is x) and the output [M, B, C] (primal post-activations, no graph)."""
+
+    def __init__(self, backend: str, relus: tuple, weights):
+        self.backend, self.relus, self.weights = backend, tuple(relus), list(weights)
+        self.inputs, self.output = None, None
+
+
+def chain_logits(backend: str, x: torch.Tensor, weights, biases, relus, record: ChainRecord | None = None):
     """Member logits [M, B, C] of the stacked chain; x [B, IN] shared or [M, B, IN]. Differentiable w.r.t.
-    the weights and biases only (plain training steps; ``PLAIN_BACKENDS``)."""
+    the weights, the biases and x; ``record`` (optional) receives the forward's saved activations."""
     has_bias = tuple(bias is not None for bias in biases)
-    return ChainLogits.apply(backend, tuple(relus), has_bias, x.contiguous(), *_join(weights, biases, has_bias))
+    return ChainLogits.apply(backend, tuple(relus), has_bias, record, x.contiguous(),
+                             *_join(weights, biases, has_bias))
+
+
+class RecordedPenalty(torch.autograd.Function):
+    """The vjp penalty scale * ||c^T J_m||^2 (c [P*B, C] shared by the members) from a recorded chain
+    forward: only the cotangent chain runs (no second forward). Differentiable w.r.t. the weights."""
+
+    @staticmethod
+    def forward(ctx, backend: str, relus: tuple, target: str, scale: float, nproj: int, activations, c, *weights):
+        inputs, output = activations
+        ops = products(backend)
+        cotangent, masked = _cotangent_chain(ops, c.expand(weights[0].shape[0], *c.shape), inputs, output,
+                                             weights, relus, nproj)
+        penalty, squared = _squared_norms(cotangent, target)
+        ctx.save_for_backward(squared, *masked, *inputs, *weights)
+        ctx.backend, ctx.relus, ctx.target, ctx.scale, ctx.nproj = backend, relus, target, scale, nproj
+        return scale * penalty
+
+    @staticmethod
+    def backward(ctx, grad_penalty):
+        layers = len(ctx.relus)
+        saved = ctx.saved_tensors
+        squared, masked, inputs, weights = saved[0], saved[1:1 + layers], saved[1 + layers:1 + 2 * layers], saved[-layers:]
+        members = weights[0].shape[0]
+        factor = 2.0 * ctx.scale / (members if ctx.target == "ensemble" else 1)
+        grad_c = ((factor * grad_penalty.view(-1, 1, 1)) * squared).expand(members, *squared.shape[1:])
+        grad_weights = [None] * layers
+        _cotangent_chain_backward(products(ctx.backend), grad_c, masked, inputs, weights, ctx.relus, ctx.nproj,
+                                  grad_weights)
+        return (None,) * 7 + tuple(grad_weights)
+
+
+def recorded_penalty(record: ChainRecord, v: torch.Tensor, scale: float, target: str) -> torch.Tensor:
+    """Penalty [M] (target "members") or [1] ("ensemble") of Hoffman's estimator from a recorded forward:
+    v [P, B, C] the projections, ``scale`` the estimator's factor. Differentiable w.r.t. the weights."""
+    rows = v.reshape(-1, v.shape[-1]).contiguous()
+    return RecordedPenalty.apply(record.backend, record.relus, target, scale, v.shape[0],
+                                 (record.inputs, record.output), rows, *record.weights)
 
 
 class ChainPenalty(torch.autograd.Function):
@@ -229,12 +327,7 @@ class ChainPenalty(torch.autograd.Function):
         # vjp: the cotangent chain v -> v^T J_m, masks from the primal post-activations
         rows = projections.shape[0] * batch
         c = projections.reshape(1, rows, -1).expand(members, -1, -1)
-        masked = [None] * len(weights)  # each layer's cotangent at its pre-activation
-        for index in reversed(range(len(weights))):
-            if spec.relus[index]:
-                c = _masked(c, inputs[index + 1] if index + 1 < len(weights) else h, projections.shape[0])
-            masked[index] = c
-            c = ops.matmul(c, weights[index])  # [M, P*B, IN]
+        c, masked = _cotangent_chain(ops, c, inputs, h, weights, spec.relus, projections.shape[0])
         penalty, squared = _squared_norms(c, spec.target)
         ctx.save_for_backward(*inputs, h, squared, *masked, *weights)
         ctx.spec, ctx.layers = spec, len(weights)
@@ -247,7 +340,6 @@ class ChainPenalty(torch.autograd.Function):
         saved = ctx.saved_tensors
         inputs, output, squared = saved[:layers], saved[layers], saved[layers + 1]
         weights = saved[-layers:]
-        activations = list(inputs[1:]) + [output]  # post-activation of layer l (primal rows first)
         members, batch = grad_logits.shape[:2]
         # d penalty / d squared rows; the ensemble target's mean spreads it evenly over the members
         factor = 2.0 * spec.scale / (members if spec.target == "ensemble" else 1)
@@ -255,21 +347,16 @@ class ChainPenalty(torch.autograd.Function):
         grad_weights = [None] * layers
         if spec.mode == "vjp":
             masked = saved[layers + 2:layers + 2 + layers]
-            nproj = squared.shape[1] // batch
             grad_c = grad_squared.expand(members, *squared.shape[1:])  # d penalty / d (v^T J_m)
-            for index in range(layers):  # the cotangent chain, transposed again: input side first
-                grad_weights[index] = ops.matmul(masked[index].transpose(1, 2), grad_c)
-                if index + 1 < layers:
-                    grad_c = ops.matmul(grad_c, weights[index].transpose(1, 2))
-                    if spec.relus[index]:
-                        grad_c = _masked(grad_c, activations[index], nproj)
+            _cotangent_chain_backward(ops, grad_c, masked, inputs, weights, spec.relus, squared.shape[1] // batch,
+                                      grad_weights)
             grad_z, streams = grad_logits, 1
         else:
             streams = squared.shape[1] + 1
             grad_z = torch.cat([grad_logits.unsqueeze(1), grad_squared.expand(members, *squared.shape[1:])], 1)
             grad_z = grad_z.view(members, streams * batch, -1)
-        grad_biases = _backward_layers(ops, grad_z, inputs, output, weights, spec.relus, spec.biases, batch, streams,
-                                       grad_weights)
+        grad_biases, _ = _backward_layers(ops, grad_z, inputs, output, weights, spec.relus, spec.biases, batch,
+                                          streams, grad_weights)
         return (None, None, None, *_join(grad_weights, grad_biases, spec.biases))
 
 
