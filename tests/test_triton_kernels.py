@@ -29,7 +29,10 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET=1 is not set: Triton kernels cannot run",
                 allow_module_level=True)
 
-from fastjac.kernels import stacked_linear as k_linear  # noqa: E402 (after the skips)
+import triton.language as tl  # noqa: E402 (after the skips)
+
+from fastjac.kernels import _common  # noqa: E402
+from fastjac.kernels import stacked_linear as k_linear  # noqa: E402
 from fastjac.kernels import stream_epilogue as k_epilogue  # noqa: E402
 from fastjac.kernels import uap_step as k_uap  # noqa: E402
 from fastjac.ops import stacked_linear as ops_linear  # noqa: E402
@@ -38,6 +41,7 @@ from fastjac.ops import uap_step as ops_uap  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS32 = torch.finfo(torch.float32).eps
+gpu_configs = _common.gpu_configs
 
 
 def tol(length: int) -> dict:
@@ -110,13 +114,52 @@ def test_stacked_linear_stream_groups_and_partial_tiles(monkeypatch, shared):
     _check_linear(17, 18, 17, 2, 4, True, True, shared)
 
 
-def test_forward_autotune_pruning_bounds_the_row_tile():
-    import triton
+def _kept(prune, table, **meta):
+    return [(c.kwargs, c.num_warps, c.num_stages) for c in prune(gpu_configs(table), {}, **meta)]
 
-    configs = [triton.Config({"BLOCK_B": b, "BLOCK_N": 64, "BLOCK_K": 32}) for b in (16, 32, 64)]
-    assert [c.kwargs["BLOCK_B"] for c in k_linear.prune_forward_configs(configs, {}, SLOTS=8)] == [16, 32]
-    assert [c.kwargs["BLOCK_B"] for c in k_linear.prune_forward_configs(configs, {}, SLOTS=1)] == [16, 32, 64]
-    assert [c.kwargs["BLOCK_B"] for c in k_linear.prune_forward_configs(configs, {}, SLOTS=64)] == [16]
+
+def test_forward_pruning_caps_the_tile_registers():
+    """Registers per thread = (accumulator SLOTS*BLOCK_B x BLOCK_N + operand tiles SLOTS*BLOCK_B x BLOCK_K
+    and BLOCK_K x BLOCK_N) / (32 * warps), twice for float64, at most 72. SLOTS = 1: every config fits
+    (the largest, 64 x 64 x 64 on 8 warps: 3*4096/256 = 48). SLOTS = 8 in float32 or 4 in float64: none
+    fits (16 x 64 x 32 on 4 warps: (8192 + 4096 + 2048)/128 = 112), so only the cheapest runs."""
+    table = k_linear.FORWARD_CONFIGS
+    assert len(_kept(k_linear.prune_forward_configs, table, SLOTS=1, ACC=tl.float32)) == len(table)
+    cheapest = [({"BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3)]
+    assert _kept(k_linear.prune_forward_configs, table, SLOTS=8, ACC=tl.float32) == cheapest
+    assert _kept(k_linear.prune_forward_configs, table, SLOTS=4, ACC=tl.float64) == cheapest
+    # float64 doubles the count: the 32 x 64 x 32 tile on 4 warps ((2048 + 1024 + 2048)/128 = 40) drops out
+    tile = ({"BLOCK_B": 32, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3)
+    assert tile in _kept(k_linear.prune_forward_configs, table, SLOTS=1, ACC=tl.float32)
+    assert tile not in _kept(k_linear.prune_forward_configs, table, SLOTS=1, ACC=tl.float64)
+
+
+def test_pruning_caps_the_shared_memory():
+    """A 64 x 64 x 64 grad-weight config on 16 warps with 4 stages: 4 * (64*64 + 64*64) elements of
+    shared memory, 128 KB in float32 (kept, within sm_80's 163 KB), 256 KB in float64 (dropped: over
+    sm_90's 227 KB too), while its registers fit in both ((3 * 4096) * 2 / 512 = 48)."""
+    wide = [({"BLOCK_R": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 16, 4)]
+    small = [({"BLOCK_R": 16, "BLOCK_N": 16, "BLOCK_K": 16}, 4, 1)]
+    table = wide + small
+    assert _kept(k_linear.prune_grad_weight_configs, table, ACC=tl.float32) == table
+    assert _kept(k_linear.prune_grad_weight_configs, table, ACC=tl.float64) == small
+    assert _kept(k_linear.prune_grad_input_configs, table, ACC=tl.float64) == small
+
+
+def test_float64_caps_the_stream_slots():
+    """float64 row tiles hold at most MAX_SLOTS_FLOAT64 (4) streams; float32 up to MAX_SLOTS (8)."""
+    assert k_linear._slots(9, torch.float32) == (8, 2)  # 1 primal + 7 tangents per group: 8 tangents -> 2 groups
+    assert k_linear._slots(9, torch.float64) == (4, 3)  # 3 tangents per group -> 3 groups
+    assert k_linear._slots(1, torch.float64) == (1, 1)
+
+
+def test_stacked_linear_float64_stream_groups():
+    """float64 with 6 streams runs in groups of 4 slots (primal recomputed per group): results exact."""
+    x, weight, bias = _linear_case(3, 7, 6, 2, 6, True, False, dtype=torch.float64)
+    out, mask = k_linear.stacked_linear_forward(x, weight, bias, 6, True)
+    ref_out, ref_mask = ops_linear.stacked_linear_forward(x, weight, bias, 6, True)
+    assert_close(out, ref_out, rtol=1e-12, atol=1e-12, name="out")
+    assert torch.equal(mask, ref_mask)
 
 
 def test_stacked_linear_triton_gradcheck_float64():
@@ -279,3 +322,158 @@ def test_perturbed_linear_triton_gradcheck_float64():
     (out1 * g).sum().backward()
     (out2 * g).sum().backward()
     assert_close(d1.grad, d2.grad, rtol=1e-12, atol=1e-12, name="grad_delta float64")
+
+
+# ------------------------------------------------------------------------------ precision, keys, devices
+
+PRECISION_SCRIPT = """
+import torch
+from fastjac.kernels._common import dot_precision
+out = [dot_precision(torch.float32)]            # nothing set: IEEE, like torch's default
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+out.append(dot_precision(torch.float32))        # the legacy allow_tf32 flag would raise from here on
+torch.backends.cuda.matmul.fp32_precision = "ieee"
+out.append(dot_precision(torch.float32))
+torch.backends.cuda.matmul.fp32_precision = "none"
+torch.backends.fp32_precision = "tf32"          # 'none' inherits the global setting
+out.append(dot_precision(torch.float32))
+out.append(dot_precision(torch.float64))
+print(" ".join(out))
+"""
+
+
+def test_dot_precision_reads_the_fp32_precision_api():
+    """Regression: once torch's fp32_precision API is used, reading allow_tf32 raises; dot_precision must
+    follow the new settings instead. A subprocess, since the settings are process-wide and sticky."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", PRECISION_SCRIPT], capture_output=True, text=True, cwd=root,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ieee", "tf32", "ieee", "tf32", "tf32"]
+
+
+def test_dot_precision_legacy_setting():
+    """Without the new API, torch.set_float32_matmul_precision('high') allows TF32."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert _common.dot_precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        assert _common.dot_precision(torch.float32) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_autotune_key_buckets_the_batch(monkeypatch):
+    """Through Triton's own autotuner (two configs, a stub timer): batch sizes 17 and 30 share one tuning
+    key (bucket 32), 33 makes a second; a flag that changes the kernel (relu) or the dtype a third/fourth."""
+    import triton
+
+    kernel = k_linear._linear_fwd_kernel
+    two = [triton.Config({"BLOCK_B": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1),
+           triton.Config({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    monkeypatch.setattr(kernel, "configs", two)
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "_do_bench", lambda call, quantiles: (call(), [1.0, 1.0, 1.0])[1])
+    monkeypatch.setattr(k_linear, "prune_forward_configs", lambda configs, named_args, **meta: configs)
+    monkeypatch.setattr(kernel, "early_config_prune", None)
+
+    def launch(batch, relu=False, dtype=torch.float32):
+        x, weight, _ = _linear_case(batch, 5, 3, 1, 1, False, True, dtype=dtype)
+        k_linear.stacked_linear_forward(x, weight, None, 1, relu)
+
+    launch(17)
+    launch(30)
+    assert len(kernel.cache) == 1
+    launch(33)
+    assert len(kernel.cache) == 2
+    launch(17, relu=True)
+    launch(17, dtype=torch.float64)
+    assert len(kernel.cache) == 4
+
+
+class _On:
+    """A stand-in tensor: launch_device only reads ``.device``."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+
+def test_launch_device_guards_the_tensors_device(monkeypatch):
+    guard = _common.launch_device(_On("cuda:1"), None, _On("cuda:1"))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # not the current device
+    with pytest.raises(RuntimeError, match="one"):
+        _common.launch_device(_On("cuda:0"), _On("cuda:1"))
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        _common.launch_device(_On("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_on_the_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: the launch follows the tensors."""
+    x = torch.randn(6, 7, device="cuda:1")
+    weight, bias = torch.randn(2, 3, 7, device="cuda:1"), torch.randn(2, 3, device="cuda:1")
+    with torch.cuda.device(0):
+        out, mask = k_linear.stacked_linear_forward(x, weight, bias, 2, True)
+    ref_out, ref_mask = ops_linear.stacked_linear_forward(x, weight, bias, 2, True)
+    assert out.device == torch.device("cuda:1")
+    assert_close(out, ref_out, name="out", **tol(7))
+
+
+# --------------------------------------------------------------------------------- split reductions
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Make every reduction split as on a large GPU: many programs wanted, chunks of a few terms."""
+    monkeypatch.setattr(_common, "PROGRAMS_OFF_GPU", 10_000)
+    monkeypatch.setattr(k_linear, "MIN_CHUNK_ROWS", 4)
+    monkeypatch.setattr(k_epilogue, "MIN_CHUNK", 5)
+    monkeypatch.setattr(k_uap, "MIN_CHUNK_SAMPLES", 2)
+    splits = []
+
+    def spy(*args):
+        splits.append(_common.reduction_splits(*args))
+        return splits[-1]
+
+    for module in (k_linear, k_epilogue, k_uap):
+        monkeypatch.setattr(module, "reduction_splits", spy)
+    return splits
+
+
+def test_perturbed_linear_backward_split_batch(split_everything):
+    """K = 1, 19 samples in 4 chunks (5, 5, 5, 4): the partial sums add up to the torch launcher's."""
+    x, delta = torch.rand(19, 18, device=DEVICE), (torch.rand(1, 18, device=DEVICE) - 0.5)
+    weight = randn(2, 17, 18)
+    _, mask = ops_uap.perturbed_linear_forward(x, delta, weight, None, True)
+    grad_out = randn(2, 19, 17)
+    got = k_uap.perturbed_linear_backward(grad_out, x, delta, weight, mask)
+    assert split_everything == [4]
+    assert_close(got, ops_uap.perturbed_linear_backward(grad_out, x, delta, weight, mask), name="grad_delta",
+                 **tol(19 * 2 * 17))
+
+
+def test_bias_grad_split(split_everything):
+    """A convolution-like epilogue (O = 1, NB = 3, rep = 4, 7 repeats): 28 elements per entry in 5 chunks
+    (6, 6, 6, 6, 4), which cut through the rep runs."""
+    nb, rep, repeats = 3, 4, 7
+    grad_out, mask = randn(1, 2, nb * rep * repeats), torch.rand(1, nb * rep * repeats, device=DEVICE) > 0.5
+    grad_y, grad_bias = k_epilogue.stream_epilogue_backward(grad_out, mask, nb, rep, True)
+    assert split_everything == [5]
+    ref_grad_y, ref_grad_bias = ops_epilogue.stream_epilogue_backward(grad_out, mask, nb, rep, True)
+    assert torch.equal(grad_y, ref_grad_y)
+    assert_close(grad_bias, ref_grad_bias, name="grad_bias", **tol(rep * repeats))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_perturb_backward_split(split_everything, dtype):
+    """7 samples in 3 chunks (3, 3, 1), K = 2."""
+    x, delta = torch.rand(7, 2, 3, device=DEVICE, dtype=dtype), torch.rand(2, 2, 3, device=DEVICE, dtype=dtype) - 0.5
+    grad = randn(2, 7, 2, 3, dtype=dtype)
+    got = k_uap.perturb_backward(grad, x, delta)
+    assert split_everything == [3]
+    assert_close(got, ops_uap.perturb_backward(grad, x, delta), name="grad_delta", **tol(7))

@@ -88,7 +88,9 @@ TORCH_LAUNCHERS = (stream_epilogue_forward, stream_epilogue_backward)
 
 
 def stream_epilogue(y, bias, rep: int = 1, relu: bool = True, launchers=TORCH_LAUNCHERS):
-    """Differentiable stream epilogue; see the module docstring for shapes. Returns (out, mask)."""
+    """Differentiable stream epilogue; see the module docstring for shapes. Returns (out, mask).
+    Arguments are checked here, once, for every backend's launchers."""
+    _check(y, bias, rep)
     return StreamEpilogue.apply(y, bias, rep, relu, launchers)
 
 

@@ -28,6 +28,21 @@ def _per_k(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
+def _check_perturb(x, delta) -> None:
+    if x.dim() < 1 or delta.dim() != x.dim() or x.shape[1:] != delta.shape[1:]:
+        raise ValueError(f"uap_step: x [B, *in] and delta [K, *in] must share *in, got {tuple(x.shape)} and "
+                         f"{tuple(delta.shape)}")
+    if x.dtype != delta.dtype:
+        raise TypeError(f"uap_step: x dtype {x.dtype} differs from delta dtype {delta.dtype}")
+
+
+def _check_step(delta, grad) -> None:
+    if grad.shape != delta.shape:
+        raise ValueError(f"uap_step: grad {tuple(grad.shape)} differs from delta {tuple(delta.shape)}")
+    if grad.dtype != delta.dtype:
+        raise TypeError(f"uap_step: grad dtype {grad.dtype} differs from delta dtype {delta.dtype}")
+
+
 def perturb_forward(x, delta):
     return torch.clamp(x.unsqueeze(0) + delta.unsqueeze(1), 0.0, 1.0)
 
@@ -125,11 +140,13 @@ class Perturb(torch.autograd.Function):
 
 def perturb(x, delta, backend: str = "torch"):
     """clamp(x + delta_k, 0, 1) for every k: [K, B, *in], differentiable w.r.t. delta only."""
+    _check_perturb(x, delta)
     return Perturb.apply(x, delta, backend)
 
 
 def sign_step(delta, grad, step, eps, backend: str = "torch"):
     """One SGD-UAP update of K perturbations (no autograd)."""
+    _check_step(delta, grad)
     return launchers(backend)[2](delta.contiguous(), grad.contiguous(), step, eps)
 
 
@@ -162,4 +179,5 @@ def perturbed_linear(x, delta, weight, bias=None, relu: bool = False, backend: s
     Returns (out [M, K*B, OUT], mask [M, K*B*OUT] | None); differentiable w.r.t. delta only (x and the
     parameters are treated as constants, as in an attack on a frozen model).
     """
+    _check_perturbed_linear(x, delta, weight, bias)
     return PerturbedLinear.apply(x, delta, weight, bias, relu, backend)
