@@ -254,6 +254,33 @@ def test_uap_step_bit_identical_and_projected(k, shape):
 
 
 # ------------------------------------------------------------------------------------ perturbed linear
+# Only the Triton backend has this op; its reference is written out here, plainly, and its gradient is
+# autograd's through that reference (torch.clamp and relu: bounds inclusive, relu'(0) = 0, as the kernels).
+
+def reference_perturbed_linear(x, delta, weight, bias, relu):
+    """Perturb each sample by each delta_k, then loop over the members: (out [M, K*B, OUT], mask
+    [M, K*B*OUT] | None), row k*B + b."""
+    rows = [torch.clamp(x[b] + delta[k], 0.0, 1.0).reshape(-1) for k in range(delta.shape[0]) for b in range(x.shape[0])]
+    inputs = torch.stack(rows)  # [K*B, IN]
+    outs, masks = [], []
+    for m in range(weight.shape[0]):
+        y = inputs @ weight[m].t()
+        if bias is not None:
+            y = y + bias[m]
+        if relu:
+            masks.append((y > 0).reshape(-1))
+            y = torch.relu(y)
+        outs.append(y)
+    return torch.stack(outs), (torch.stack(masks) if relu else None)
+
+
+def reference_grad_delta(grad_out, x, delta, weight, bias, relu):
+    """d sum(out * grad_out) / d delta through the reference."""
+    leaf = delta.detach().clone().requires_grad_()
+    out, _ = reference_perturbed_linear(x, leaf, weight, bias, relu)
+    (out * grad_out).sum().backward()
+    return leaf.grad
+
 
 PERTURBED_CASES = [
     (b, k, fan_in, out_features, m, has_bias, relu)
@@ -265,22 +292,22 @@ PERTURBED_CASES = [
 
 
 @pytest.mark.parametrize("b,k,fan_in,out_features,m,has_bias,relu", PERTURBED_CASES)
-def test_perturbed_linear_matches_torch(b, k, fan_in, out_features, m, has_bias, relu):
+def test_perturbed_linear_matches_reference(b, k, fan_in, out_features, m, has_bias, relu):
     x = torch.rand(b, fan_in, device=DEVICE)
     delta = (torch.rand(k, fan_in, device=DEVICE) - 0.5) * 0.8  # some sums clamp at 0 or 1
     weight, bias = randn(m, out_features, fan_in), (randn(m, out_features) if has_bias else None)
     out, mask = k_uap.perturbed_linear_forward(x, delta, weight, bias, relu)
-    ref_out, ref_mask = ops_uap.perturbed_linear_forward(x, delta, weight, bias, relu)
+    ref_out, ref_mask = reference_perturbed_linear(x, delta, weight, bias, relu)
     assert out.shape == (m, k * b, out_features)
     assert_close(out, ref_out, name="out", **tol(fan_in))
     if relu:
-        pre, _ = ops_uap.perturbed_linear_forward(x, delta, weight, bias, False)
+        pre, _ = reference_perturbed_linear(x, delta, weight, bias, False)
         assert_mask(mask, ref_mask, pre.reshape(m, -1), length=fan_in)
     else:
         assert mask is None
     grad_out = randn(m, k * b, out_features)
     assert_close(k_uap.perturbed_linear_backward(grad_out, x, delta, weight, ref_mask),
-                 ops_uap.perturbed_linear_backward(grad_out, x, delta, weight, ref_mask),
+                 reference_grad_delta(grad_out, x, delta, weight, bias, relu),
                  name="grad_delta", **tol(b * m * out_features))
 
 
@@ -289,11 +316,11 @@ def test_perturbed_linear_larger_tiles():
     x, delta = torch.rand(17, 18, device=DEVICE), (torch.rand(2, 18, device=DEVICE) - 0.5)
     weight, bias = randn(2, 17, 18), randn(2, 17)
     out, mask = k_uap.perturbed_linear_forward(x, delta, weight, bias, True)
-    ref_out, ref_mask = ops_uap.perturbed_linear_forward(x, delta, weight, bias, True)
+    ref_out, ref_mask = reference_perturbed_linear(x, delta, weight, bias, True)
     assert_close(out, ref_out, name="out", **tol(18))
     grad_out = randn(*ref_out.shape)
     assert_close(k_uap.perturbed_linear_backward(grad_out, x, delta, weight, ref_mask),
-                 ops_uap.perturbed_linear_backward(grad_out, x, delta, weight, ref_mask),
+                 reference_grad_delta(grad_out, x, delta, weight, bias, True),
                  name="grad_delta", **tol(17 * 2 * 17))
 
 
@@ -304,7 +331,7 @@ def test_perturbed_linear_backward_bounds_inclusive():
     weight, grad_out = torch.ones(1, 1, 4, device=DEVICE), torch.ones(1, 1, 1, device=DEVICE)
     expected = torch.tensor([[1.0, 1.0, 0.0, 1.0]], device=DEVICE)
     assert torch.equal(k_uap.perturbed_linear_backward(grad_out, x, delta, weight, None), expected)
-    assert torch.equal(ops_uap.perturbed_linear_backward(grad_out, x, delta, weight, None), expected)
+    assert torch.equal(reference_grad_delta(grad_out, x, delta, weight, None, False), expected)
 
 
 def test_perturbed_linear_triton_gradcheck_float64():
@@ -314,14 +341,34 @@ def test_perturbed_linear_triton_gradcheck_float64():
         assert torch.autograd.gradcheck(
             lambda d: ops_uap.perturbed_linear(x, d, weight, bias, relu=relu, backend="triton")[0],
             (delta.clone().requires_grad_(),), fast_mode=True)
-    # Also through the autograd Function: only delta gets a gradient, and it matches the torch backend.
-    d1, d2 = delta.clone().requires_grad_(), delta.clone().requires_grad_()
-    out1, _ = ops_uap.perturbed_linear(x, d1, weight, bias, relu=True, backend="triton")
-    out2, _ = ops_uap.perturbed_linear(x, d2, weight, bias, relu=True, backend="torch")
-    g = torch.randn_like(out1)
-    (out1 * g).sum().backward()
-    (out2 * g).sum().backward()
-    assert_close(d1.grad, d2.grad, rtol=1e-12, atol=1e-12, name="grad_delta float64")
+
+
+def test_perturbed_linear_is_differentiable_in_delta_only():
+    x, delta = _away_from_kinks((2, 3), (2, 3), dtype=torch.float64)
+    weight = randn(2, 4, 3, dtype=torch.float64).requires_grad_()
+    bias = randn(2, 4, dtype=torch.float64).requires_grad_()
+    delta.requires_grad_()
+    out, mask = ops_uap.perturbed_linear(x, delta, weight, bias, relu=True, backend="triton")
+    assert not mask.requires_grad
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    assert weight.grad is None and bias.grad is None
+    assert_close(delta.grad, reference_grad_delta(grad_out, x, delta, weight.detach(), bias.detach(), True),
+                 rtol=1e-12, atol=1e-12, name="grad_delta float64")
+
+
+def test_perturbed_linear_checks_its_arguments_before_any_launch():
+    x, delta, weight = torch.rand(2, 5), torch.rand(3, 5), torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops_uap.perturbed_linear(x, delta, weight, backend="torch")
+    with pytest.raises(ValueError, match="features"):
+        ops_uap.perturbed_linear(x, delta, torch.randn(2, 4, 6))
+    with pytest.raises(ValueError, match="share"):
+        ops_uap.perturbed_linear(x, torch.rand(3, 4), weight)
+    with pytest.raises(ValueError, match="bias"):
+        ops_uap.perturbed_linear(x, delta, weight, torch.randn(4))
+    with pytest.raises(TypeError, match="dtype"):
+        ops_uap.perturbed_linear(x, delta.double(), weight)
 
 
 # ------------------------------------------------------------------------------ precision, keys, devices
@@ -446,14 +493,14 @@ def split_everything(monkeypatch):
 
 
 def test_perturbed_linear_backward_split_batch(split_everything):
-    """K = 1, 19 samples in 4 chunks (5, 5, 5, 4): the partial sums add up to the torch launcher's."""
+    """K = 1, 19 samples in 4 chunks (5, 5, 5, 4): the partial sums add up to the reference's gradient."""
     x, delta = torch.rand(19, 18, device=DEVICE), (torch.rand(1, 18, device=DEVICE) - 0.5)
     weight = randn(2, 17, 18)
-    _, mask = ops_uap.perturbed_linear_forward(x, delta, weight, None, True)
+    _, mask = reference_perturbed_linear(x, delta, weight, None, True)
     grad_out = randn(2, 19, 17)
     got = k_uap.perturbed_linear_backward(grad_out, x, delta, weight, mask)
     assert split_everything == [4]
-    assert_close(got, ops_uap.perturbed_linear_backward(grad_out, x, delta, weight, mask), name="grad_delta",
+    assert_close(got, reference_grad_delta(grad_out, x, delta, weight, None, True), name="grad_delta",
                  **tol(19 * 2 * 17))
 
 

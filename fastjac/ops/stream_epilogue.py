@@ -5,9 +5,9 @@ streams 1..S-1 are tangent rows (input-space JVP directions). Tangents are linea
 get no bias, and ReLU acts on them through the primal's mask (its derivative). Every layout the engine
 uses is viewed as ``y [O, S, I]``:
 
-- member-major Linear output ``[M, S*B, F]``  -> O = M, I = B*F,       bias [M, F],     rep = 1
-- row-major Linear output ``[S*B, M*F]``      -> O = 1, I = B*M*F,     bias [1, M*F],   rep = 1
-- row-major Conv2d output ``[S*B, M*C, H, W]``-> O = 1, I = B*M*C*H*W, bias [1, M*C],   rep = H*W
+- member-major Linear output ``[M, S*B, F]``   -> O = M, I = B*F,       bias [M, F],   rep = 1
+- row-major Conv2d output ``[S*B, M*C, H, W]`` -> O = 1, I = B*M*C*H*W, bias [1, M*C], rep = H*W
+- row-major activations ``[S*B, M, *feature]`` -> O = 1, I = B*M*prod(feature), no bias (a standalone ReLU)
 
 so the bias index of element i is ``(i // rep) % NB`` with ``NB = bias.shape[1]``.
 
