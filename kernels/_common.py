@@ -118,17 +118,21 @@ def tile_registers(config, meta: dict, tile_elements, acc_elements) -> int:
     return (acc_elements(params) + tile_elements(params)) * per_element // (32 * config.num_warps)
 
 
-def prune_to_budget(candidates, meta: dict, *, tile_elements, acc_elements):
-    """An ``early_config_prune`` body: the configs within ``MAX_TILE_REGISTERS`` and
-    ``SHARED_MEMORY_BUDGET`` (see the estimates above); the cheapest config when none is."""
+def budget_pruner(*, tile_elements, acc_elements):
+    """An ``early_config_prune`` for a GEMM kernel: it keeps the configs within ``MAX_TILE_REGISTERS`` and
+    ``SHARED_MEMORY_BUDGET`` (the estimates above, from ``tile_elements(params)`` and
+    ``acc_elements(params)``), or the cheapest config when none is."""
 
-    def cost(config):
-        return (tile_registers(config, meta, tile_elements, acc_elements),
-                shared_memory_bytes(config, meta, tile_elements))
+    def prune(candidates, named_args, **meta):
+        def cost(config):
+            return (tile_registers(config, meta, tile_elements, acc_elements),
+                    shared_memory_bytes(config, meta, tile_elements))
 
-    kept = [config for config in candidates
-            if cost(config)[0] <= MAX_TILE_REGISTERS and cost(config)[1] <= SHARED_MEMORY_BUDGET]
-    return kept or [min(candidates, key=cost)]
+        kept = [config for config in candidates
+                if cost(config)[0] <= MAX_TILE_REGISTERS and cost(config)[1] <= SHARED_MEMORY_BUDGET]
+        return kept or [min(candidates, key=cost)]
+
+    return prune
 
 
 def launch_device(*tensors) -> contextlib.AbstractContextManager:

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (acc_dtype, bucket, configs, dot_precision, launch_device, prune_to_budget,
+from ._common import (acc_dtype, bucket, budget_pruner, configs, dot_precision, launch_device,
                       reduction_splits)
 
 # Largest slot count (primal + tangent streams in one row tile). Beyond it, stream groups recompute
@@ -49,14 +49,11 @@ MAX_SLOTS_FLOAT64 = 4
 
 # ----------------------------------------------------------------------------------------------- forward
 
-def prune_forward_configs(configs, named_args, **meta):
-    """Autotune pruning: the configs whose [SLOTS * BLOCK_B, BLOCK_N] accumulator and pipelined tiles
-    fit (``_common.prune_to_budget``)."""
-    meta.setdefault("SLOTS", named_args.get("SLOTS", 1))
-    return prune_to_budget(
-        configs, meta,
-        tile_elements=lambda p: p["SLOTS"] * p["BLOCK_B"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_N"],
-        acc_elements=lambda p: p["SLOTS"] * p["BLOCK_B"] * p["BLOCK_N"])
+# Autotune pruning (``_common.budget_pruner``): the forward's accumulator is its [SLOTS * BLOCK_B, BLOCK_N]
+# row tile, its dot operands the x and weight tiles.
+prune_forward_configs = budget_pruner(
+    tile_elements=lambda p: p["SLOTS"] * p["BLOCK_B"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_N"],
+    acc_elements=lambda p: p["SLOTS"] * p["BLOCK_B"] * p["BLOCK_N"])
 
 
 # GPU autotune configs: (block sizes, num_warps, num_stages).
@@ -189,12 +186,10 @@ def linear_forward(x, weight, bias, streams: int, relu: bool, delta=None, batch:
 
 # ---------------------------------------------------------------------------------------------- backward
 
-def prune_grad_input_configs(configs, named_args, **meta):
-    """Autotune pruning: the configs whose [BLOCK_R, BLOCK_K] accumulator and pipelined tiles fit."""
-    return prune_to_budget(
-        configs, meta,
-        tile_elements=lambda p: p["BLOCK_R"] * p["BLOCK_N"] + p["BLOCK_N"] * p["BLOCK_K"],
-        acc_elements=lambda p: p["BLOCK_R"] * p["BLOCK_K"])
+# grad-input: a [BLOCK_R, BLOCK_K] accumulator from grad_out [BLOCK_R, BLOCK_N] and weight [BLOCK_N, BLOCK_K]
+prune_grad_input_configs = budget_pruner(
+    tile_elements=lambda p: p["BLOCK_R"] * p["BLOCK_N"] + p["BLOCK_N"] * p["BLOCK_K"],
+    acc_elements=lambda p: p["BLOCK_R"] * p["BLOCK_K"])
 
 
 GRAD_INPUT_CONFIGS = [
@@ -320,12 +315,10 @@ def linear_grad_input(grad_out, weight, mask, primal_rows: int, shared_x: bool, 
     return grad if splits == 1 else grad.view(count, splits, fan_in).sum(1)
 
 
-def prune_grad_weight_configs(configs, named_args, **meta):
-    """Autotune pruning: the configs whose [BLOCK_N, BLOCK_K] accumulator and pipelined tiles fit."""
-    return prune_to_budget(
-        configs, meta,
-        tile_elements=lambda p: p["BLOCK_R"] * p["BLOCK_N"] + p["BLOCK_R"] * p["BLOCK_K"],
-        acc_elements=lambda p: p["BLOCK_N"] * p["BLOCK_K"])
+# grad-weight: a [BLOCK_N, BLOCK_K] accumulator from grad_out [BLOCK_R, BLOCK_N] and x [BLOCK_R, BLOCK_K]
+prune_grad_weight_configs = budget_pruner(
+    tile_elements=lambda p: p["BLOCK_R"] * p["BLOCK_N"] + p["BLOCK_R"] * p["BLOCK_K"],
+    acc_elements=lambda p: p["BLOCK_N"] * p["BLOCK_K"])
 
 
 GRAD_WEIGHT_CONFIGS = [

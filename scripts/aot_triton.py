@@ -6,8 +6,9 @@ sm_90, with no GPU and no interpreter, and report registers, spills and shared m
     python scripts/aot_triton.py --quick    # the CI matrix (tests/test_aot_triton.py): every config each
                                             # kernel keeps in float32 (IEEE) and float64, once, on its
                                             # heaviest flags
-    options: --arch 80 90 (targets), --jobs N (compiler processes), --table (every variant, not only the
-             per-kernel summary), --markdown FILE (write the summary as a Markdown table)
+    options: --arch 80 90 (targets), --kernels NAME... (only kernels whose name contains one of these),
+             --jobs N (compiler processes), --table (every variant, not only the per-kernel summary),
+             --markdown FILE (write the summary as a Markdown table)
 
 How: TRITON_INTERPRET must be unset (the script refuses otherwise): the kernels' ``configs()`` then list
 the GPU autotune configs. The launchers of kernels/*.py are called on ``meta`` tensors for every option
@@ -30,6 +31,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import io
 import itertools
 import multiprocessing
@@ -127,53 +129,60 @@ def mask_like(m, rows, features):
 
 # The MLP 784-256-256-10 with M = 5 members and B = 128 (the benchmark's shapes): a hidden layer for the
 # GEMMs, LeNet's first convolution (6 channels, 28x28) for the standalone epilogue.
-M, B, IN, OUT, CLASSES = 5, 128, 784, 256, 10
-STREAMS = {1: 1, 2: 2, 3: 4, 5: 8}  # streams -> SLOTS (float32; float64 caps SLOTS lower)
+M, B, IN, OUT = 5, 128, 784, 256
+STREAM_COUNTS = (1, 2, 3, 5)  # SLOTS 1, 2, 4, 8 in float32 (float64 caps SLOTS at 4)
+
+
+def linear_launches(dtype, bias: bool, relu: bool, streams: int, shared: bool):
+    """The stacked Linear forward and backward: x shared [R, IN] (the first layer) or per member."""
+    rows, fan_in = streams * B, (IN if shared else OUT)
+    x = empty(rows, fan_in, dtype=dtype) if shared else empty(M, rows, fan_in, dtype=dtype)
+    weight, b = empty(M, OUT, fan_in, dtype=dtype), (empty(M, OUT, dtype=dtype) if bias else None)
+    stacked_linear.stacked_linear_forward(x, weight, b, streams, relu)
+    mask = mask_like(M, B, OUT) if relu else None
+    stacked_linear.stacked_linear_backward(empty(M, rows, OUT, dtype=dtype), x, weight, mask, streams, bias, True)
+
+
+def perturbed_launches(dtype, bias: bool, relu: bool, count: int):
+    """The perturbed first layer of an attack on K = ``count`` perturbations (split batch reduction)."""
+    x, delta = empty(B, IN, dtype=dtype), empty(count, IN, dtype=dtype)
+    weight, b = empty(M, OUT, IN, dtype=dtype), (empty(M, OUT, dtype=dtype) if bias else None)
+    uap_step.perturbed_linear_forward(x, delta, weight, b, relu)
+    mask = mask_like(M, count * B, OUT) if relu else None
+    uap_step.perturbed_linear_backward(empty(M, count * B, OUT, dtype=dtype), x, delta, weight, mask)
+
+
+def epilogue_launches(dtype, bias: bool, relu: bool):
+    """LeNet's first conv, row-major: O = 1, I = B*M*C*H*W, NB = M*C, rep = H*W (split bias reduction)."""
+    y, nb, rep = empty(1, 2, B * M * 6 * 28 * 28, dtype=dtype), M * 6, 28 * 28
+    stream_epilogue.stream_epilogue_forward(y, empty(1, nb, dtype=dtype) if bias else None, rep, relu)
+    mask = torch.empty((1, y.shape[2]), device=META, dtype=torch.bool) if relu else None
+    stream_epilogue.stream_epilogue_backward(y, mask, nb, rep, bias)
+
+
+def uap_launches(dtype):
+    """perturb forward and backward (K = 1: split batch reduction) and the sign step."""
+    x, delta = empty(B, 1, 28, 28, dtype=dtype), empty(1, 1, 28, 28, dtype=dtype)
+    uap_step.perturb_forward(x, delta)
+    uap_step.perturb_backward(empty(1, B, 1, 28, 28, dtype=dtype), x, delta)
+    uap_step.uap_step(delta, empty(1, 1, 28, 28, dtype=dtype), empty(1, dtype=dtype), empty(1, dtype=dtype))
 
 
 def scenarios(quick: bool):
-    """(name, call) for every launcher option; ``quick`` keeps each kernel's heaviest flags only."""
+    """(name, tf32, call) for every launcher option; ``quick`` keeps each kernel's heaviest flags only."""
     dtypes = [(torch.float32, False), (torch.float64, False)] + ([] if quick else [(torch.float32, True)])
     booleans = (True,) if quick else (True, False)
     for (dtype, tf32), bias, relu in itertools.product(dtypes, booleans, booleans):
         tag = f"{str(dtype)[6:]}{'-tf32' if tf32 else ''} bias={bias} relu={relu}"
-        stream_counts = (5,) if quick else tuple(STREAMS)
-        for streams, shared in itertools.product(stream_counts, (True, False)):
-            rows = streams * B
-            x = empty(rows, IN, dtype=dtype) if shared else empty(M, rows, OUT, dtype=dtype)
-            fan_in = IN if shared else OUT
-            weight, b = empty(M, OUT, fan_in, dtype=dtype), (empty(M, OUT, dtype=dtype) if bias else None)
-
-            def linear(x=x, weight=weight, b=b, streams=streams, rows=rows):
-                stacked_linear.stacked_linear_forward(x, weight, b, streams, relu)
-                mask = mask_like(M, rows // streams, OUT) if relu else None
-                stacked_linear.stacked_linear_backward(empty(M, rows, OUT, dtype=dtype), x, weight, mask, streams,
-                                                       bias, True)
-            yield f"stacked_linear {tag} streams={streams} shared={shared}", tf32, linear
+        for streams, shared in itertools.product(STREAM_COUNTS[-1:] if quick else STREAM_COUNTS, (True, False)):
+            yield (f"stacked_linear {tag} streams={streams} shared={shared}", tf32,
+                   functools.partial(linear_launches, dtype, bias, relu, streams, shared))
         for count in ((1,) if quick else (1, 4)):
-            def perturbed(count=count):
-                x, delta = empty(B, IN, dtype=dtype), empty(count, IN, dtype=dtype)
-                weight, b = empty(M, OUT, IN, dtype=dtype), (empty(M, OUT, dtype=dtype) if bias else None)
-                uap_step.perturbed_linear_forward(x, delta, weight, b, relu)
-                mask = mask_like(M, count * B, OUT) if relu else None
-                uap_step.perturbed_linear_backward(empty(M, count * B, OUT, dtype=dtype), x, delta, weight, mask)
-            yield f"perturbed_linear {tag} K={count}", tf32, perturbed
-        if tf32:
-            continue  # the elementwise kernels have no dot
-
-        def epilogue():  # LeNet's first conv, row-major: O = 1, I = B*M*C*H*W, NB = M*C, rep = H*W
-            y, nb, rep = empty(1, 2, B * M * 6 * 28 * 28, dtype=dtype), M * 6, 28 * 28
-            stream_epilogue.stream_epilogue_forward(y, empty(1, nb, dtype=dtype) if bias else None, rep, relu)
-            mask = torch.empty((1, y.shape[2]), device=META, dtype=torch.bool) if relu else None
-            stream_epilogue.stream_epilogue_backward(y, mask, nb, rep, bias)
-        yield f"stream_epilogue {tag}", tf32, epilogue
+            yield f"perturbed_linear {tag} K={count}", tf32, functools.partial(perturbed_launches, dtype, bias, relu, count)
+        if not tf32:  # the elementwise kernels have no dot
+            yield f"stream_epilogue {tag}", tf32, functools.partial(epilogue_launches, dtype, bias, relu)
     for dtype in (torch.float32, torch.float64):
-        def uap(dtype=dtype):
-            x, delta = empty(B, 1, 28, 28, dtype=dtype), empty(1, 1, 28, 28, dtype=dtype)
-            uap_step.perturb_forward(x, delta)
-            uap_step.perturb_backward(empty(1, B, 1, 28, 28, dtype=dtype), x, delta)
-            uap_step.uap_step(delta, empty(1, 1, 28, 28, dtype=dtype), empty(1, dtype=dtype), empty(1, dtype=dtype))
-        yield f"uap_step {str(dtype)[6:]}", False, uap
+        yield f"uap_step {str(dtype)[6:]}", False, functools.partial(uap_launches, dtype)
 
 
 def record(quick: bool) -> list:
@@ -286,9 +295,11 @@ def _compile_indexed(index: int) -> dict:
 _VARIANTS: list = []
 
 
-def run(quick: bool, archs, jobs: int) -> tuple[list, list]:
+def run(quick: bool, archs, jobs: int, kernels=None) -> tuple[list, list]:
     global _VARIANTS
-    _VARIANTS = expand(record(quick), archs, quick)
+    launches = [launch for launch in record(quick)
+                if not kernels or any(name in launch.kernel.base_fn.__name__ for name in kernels)]
+    _VARIANTS = expand(launches, archs, quick)
     context = multiprocessing.get_context("fork")  # workers inherit the recorded variants
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         results = list(pool.map(_compile_indexed, range(len(_VARIANTS))))
@@ -340,13 +351,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the CI matrix (heaviest flags, every config)")
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
+    parser.add_argument("--kernels", nargs="+", help="only the kernels whose name contains one of these")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--table", action="store_true", help="print every variant, not only the summary")
     parser.add_argument("--markdown", type=pathlib.Path, help="write the summary table to this file")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    variants, results = run(args.quick, args.arch, args.jobs)
+    variants, results = run(args.quick, args.arch, args.jobs, args.kernels)
     if args.table:
         for variant, result in zip(variants, results):
             cells = result.get("error") or (f"regs {result['registers']:3d} spills {result['spills']:5d} "
@@ -362,8 +374,10 @@ def main(argv=None) -> int:
           f"{', '.join(f'sm_{a}' for a in args.arch)} in {time.perf_counter() - start:.0f} s "
           f"({'quick' if args.quick else 'full'} matrix, triton {triton.__version__})")
     missing = sorted(set(autotuned_kernels()) - set(kernels))
-    if missing:
+    if missing and not args.kernels:
         found.append(f"NOT COMPILED: no launcher scenario reaches {', '.join(missing)}")
+    if not variants:
+        found.append("NOTHING COMPILED: no kernel matches --kernels")
     for line in found:
         print(line)
     print("aot_triton: FAILED" if found else "aot_triton: ok")

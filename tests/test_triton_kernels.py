@@ -1,8 +1,11 @@
-"""Triton kernels (kernels/*.py) against the torch launchers of fastjac/ops, which define the semantics.
+"""Triton kernels (kernels/*.py) against the torch launchers of fastjac/ops, which define the semantics
+(the perturbed first Linear, Triton-only, against a plain loop written out here), and the kernels'
+launch policy: autotune keys, pruning of tiles, dot precision, the device guard, split reductions.
 
-On a machine without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before any kernel import, so the
-kernels run in Triton's interpreter on the CPU: the shapes here are tiny and odd (B 1 and 3, IN 5/7,
-OUT 3/6, M 1 and 2, 1 and 3 streams, K 1 and 3) so that every tile is partial and the suite stays fast.
+The tensors live on the Triton backend's device: a GPU when one exists; else the CPU, where
+tests/conftest.py sets TRITON_INTERPRET=1 before any kernel import, so the kernels run in Triton's
+interpreter: the shapes here are tiny and odd (B 1 and 3, IN 5/7, OUT 3/6, M 1 and 2, 1 and 3 streams,
+K 1 and 3) so that every tile is partial and the suite stays fast.
 
 Tolerances: a float32 result that sums L products differs from another summation order by at most about
 L * eps32 * sum|terms| (eps32 = 2**-23, unit values here), so float32 comparisons use rtol = atol =
@@ -38,8 +41,9 @@ from fastjac.kernels import uap_step as k_uap  # noqa: E402
 from fastjac.ops import stacked_linear as ops_linear  # noqa: E402
 from fastjac.ops import stream_epilogue as ops_epilogue  # noqa: E402
 from fastjac.ops import uap_step as ops_uap  # noqa: E402
+from fastjac.verify import backend_device  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = backend_device("triton")
 EPS32 = torch.finfo(torch.float32).eps
 gpu_configs = _common.gpu_configs
 
@@ -426,7 +430,6 @@ def test_autotune_key_buckets_the_batch(monkeypatch):
     monkeypatch.setattr(kernel, "configs", two)
     monkeypatch.setattr(kernel, "cache", {})
     monkeypatch.setattr(kernel, "_do_bench", lambda call, quantiles: (call(), [1.0, 1.0, 1.0])[1])
-    monkeypatch.setattr(k_linear, "prune_forward_configs", lambda configs, named_args, **meta: configs)
     monkeypatch.setattr(kernel, "early_config_prune", None)
 
     def launch(batch, relu=False, dtype=torch.float32):
