@@ -266,7 +266,9 @@ def compile_one(variant: Variant) -> dict:
             compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs),
                                       target=GPUTarget("cuda", variant.arch, 32), options=options.__dict__)
     except Exception as error:  # noqa: BLE001 - every compiler failure is a finding to report
-        return {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"}
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        where_why = " ... ".join(dict.fromkeys(lines[:1] + lines[-1:]))  # Triton: the source position, the reason
+        return {"error": f"{type(error).__name__}: {where_why}"}
     match = PTXAS.search(log.getvalue())
     return {"registers": int(match.group(2)) if match else -1, "spills": int(match.group(1)) if match else -1,
             "shared": compiled.metadata.shared, "seconds": time.perf_counter() - start}
