@@ -57,7 +57,7 @@ def perturbed_logits(model: nn.Module, backend: str | None = None):
     """f(x [B, *input], delta [K, *input]) -> output [K*B, C] on clamp(x + delta_k, 0, 1) (row k*B + b),
     parameters frozen. The Triton backend forms the perturbation inside the first layer's load."""
     run = _frozen_engine(model, backend)
-    if run is not None and run.backend == "triton":
+    if run is not None and run.backend in uap_step.PERTURBED_LINEAR_BACKENDS:
         return lambda x, delta: run.forward_perturbed(x, delta).mean(0)
     name = run.backend if run is not None else "torch"
     f = model if run is None else (lambda rows: run.forward(rows)[0].mean(0))

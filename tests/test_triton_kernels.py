@@ -67,14 +67,6 @@ def assert_mask(mask, expected, pre, *, length, name="mask"):
 
 # ------------------------------------------------------------------------------------------ stacked linear
 
-SHAPES = [(1, 5, 3, 1), (3, 7, 6, 2), (3, 5, 6, 2), (1, 7, 3, 2)]  # (B, IN, OUT, M)
-LINEAR_CASES = [
-    (*SHAPES[i % len(SHAPES)], streams, has_bias, relu, shared)
-    for i, (streams, has_bias, relu, shared) in enumerate(itertools.product((1, 3), (True, False), (True, False),
-                                                                            (True, False)))
-]
-
-
 def _linear_case(b, fan_in, out_features, m, streams, has_bias, shared, dtype=torch.float32):
     rows = streams * b
     x = randn(rows, fan_in, dtype=dtype) if shared else randn(m, rows, fan_in, dtype=dtype)
@@ -103,11 +95,6 @@ def _check_linear(b, fan_in, out_features, m, streams, has_bias, relu, shared):
         else:
             assert_close(g, w, name=name, **tol(lengths[name]))
     assert k_linear.stacked_linear_backward(grad_out, x, weight, ref_mask, streams, has_bias, False)[0] is None
-
-
-@pytest.mark.parametrize("b,fan_in,out_features,m,streams,has_bias,relu,shared", LINEAR_CASES)
-def test_stacked_linear_matches_torch(b, fan_in, out_features, m, streams, has_bias, relu, shared):
-    _check_linear(b, fan_in, out_features, m, streams, has_bias, relu, shared)
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -166,47 +153,7 @@ def test_stacked_linear_float64_stream_groups():
     assert torch.equal(mask, ref_mask)
 
 
-def test_stacked_linear_triton_gradcheck_float64():
-    x, weight, bias = _linear_case(2, 3, 2, 2, 2, True, True, dtype=torch.float64)
-    x2 = randn(2, 4, 3, dtype=torch.float64)
-    for inputs in ((x, weight, bias), (x2, weight, bias)):
-        inputs = tuple(t.clone().requires_grad_() for t in inputs)
-        assert torch.autograd.gradcheck(
-            lambda *a: ops_linear.stacked_linear(*a, streams=2, relu=True, backend="triton")[0], inputs,
-            fast_mode=True)
-    inputs = tuple(t.clone().requires_grad_() for t in (x, weight))
-    assert torch.autograd.gradcheck(
-        lambda *a: ops_linear.stacked_linear(*a, streams=1, relu=False, backend="triton")[0], inputs, fast_mode=True)
-
-
 # ------------------------------------------------------------------------------------------ stream epilogue
-
-@pytest.mark.parametrize("o,s,nb,rep,repeats", [(1, 1, 3, 1, 2), (2, 3, 3, 4, 1), (2, 2, 5, 2, 3)])
-@pytest.mark.parametrize("has_bias,relu", [(True, True), (True, False), (False, True), (False, False)])
-def test_stream_epilogue_matches_torch(o, s, nb, rep, repeats, has_bias, relu):
-    length = nb * rep * repeats
-    y, bias = randn(o, s, length), (randn(o, nb) if has_bias else None)
-    out, mask = k_epilogue.stream_epilogue_forward(y, bias, rep, relu)
-    ref_out, ref_mask = ops_epilogue.stream_epilogue_forward(y, bias, rep, relu)
-    assert torch.equal(out, ref_out)  # same elementwise operations: bit-identical
-    assert (mask is None and ref_mask is None) or (mask.dtype == torch.bool and torch.equal(mask, ref_mask))
-    grad_out = randn(o, s, length)
-    grad_y, grad_bias = k_epilogue.stream_epilogue_backward(grad_out, ref_mask, nb, rep, has_bias)
-    ref_grad_y, ref_grad_bias = ops_epilogue.stream_epilogue_backward(grad_out, ref_mask, nb, rep, has_bias)
-    assert torch.equal(grad_y, ref_grad_y)
-    if has_bias:
-        assert_close(grad_bias, ref_grad_bias, name="grad_bias", **tol(length // nb))
-    else:
-        assert grad_bias is None
-
-
-def test_stream_epilogue_triton_gradcheck_float64():
-    launchers = (k_epilogue.stream_epilogue_forward, k_epilogue.stream_epilogue_backward)
-    y, bias = randn(2, 3, 12, dtype=torch.float64), randn(2, 3, dtype=torch.float64)
-    inputs = (y.requires_grad_(), bias.requires_grad_())
-    assert torch.autograd.gradcheck(
-        lambda a, b: ops_epilogue.stream_epilogue(a, b, 2, True, launchers)[0], inputs, fast_mode=True)
-
 
 # --------------------------------------------------------------------------------------------- uap ops
 
@@ -215,46 +162,6 @@ def _away_from_kinks(shape_x, shape_delta, dtype=torch.float32):
     x = torch.tensor([0.1, 0.5, 0.9], dtype=dtype)[torch.randint(0, 3, shape_x)]
     delta = torch.tensor([-0.3, 0.02, 0.3], dtype=dtype)[torch.randint(0, 3, shape_delta)]
     return x.to(DEVICE), delta.to(DEVICE)
-
-
-@pytest.mark.parametrize("b,k,shape", [(1, 1, (5,)), (3, 3, (7,)), (3, 1, (2, 3))])
-def test_perturb_matches_torch(b, k, shape):
-    x, delta = torch.rand(b, *shape, device=DEVICE), (torch.rand(k, *shape, device=DEVICE) - 0.5)
-    out = k_uap.perturb_forward(x, delta)
-    assert torch.equal(out, ops_uap.perturb_forward(x, delta))
-    grad = randn(k, b, *shape)
-    assert_close(k_uap.perturb_backward(grad, x, delta), ops_uap.perturb_backward(grad, x, delta),
-                 name="grad_delta", **tol(b))
-
-
-def test_perturb_backward_bounds_inclusive():
-    """x + delta exactly 0 or 1 passes the gradient (torch.clamp's convention); outside does not."""
-    x = torch.tensor([[0.0, 1.0, 0.25, 0.5, 1.0, 0.0]], device=DEVICE)
-    delta = torch.tensor([[0.0, 0.0, -0.25, 0.5, 0.5, -0.5]], device=DEVICE)
-    grad = torch.ones(1, 1, 6, device=DEVICE)
-    expected = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 0.0]], device=DEVICE)
-    assert torch.equal(k_uap.perturb_backward(grad, x, delta), expected)
-    assert torch.equal(ops_uap.perturb_backward(grad, x, delta), expected)
-
-
-def test_perturb_triton_gradcheck_float64():
-    x, delta = _away_from_kinks((3, 4), (2, 4), dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda d: ops_uap.perturb(x, d, backend="triton"), (delta.requires_grad_(),),
-                                    fast_mode=True)
-
-
-@pytest.mark.parametrize("k,shape", [(1, (5,)), (3, (7,)), (3, (2, 3))])
-def test_uap_step_bit_identical_and_projected(k, shape):
-    delta = randn(k, *shape) * 0.1
-    grad = randn(k, *shape)
-    grad.view(-1)[::3] = 0.0  # sign 0: the entry only gets projected
-    step = torch.rand(k, device=DEVICE) * 0.05
-    eps = torch.rand(k, device=DEVICE) * 0.1 + 0.01  # smaller than some |delta|: the clamp is active
-    out = k_uap.uap_step(delta, grad, step, eps)
-    ref = ops_uap.uap_step(delta, grad, step, eps)
-    assert torch.equal(out, ref)
-    assert (out.reshape(k, -1).abs().amax(dim=1) <= eps).all()
-    assert torch.equal(ops_uap.sign_step(delta, grad, step, eps, backend="triton"), ref)
 
 
 # ------------------------------------------------------------------------------------ perturbed linear
