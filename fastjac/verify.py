@@ -18,6 +18,7 @@ import torch
 from fastjac import _io, backends, models, reference
 from fastjac.ensemble import Ensemble
 from fastjac.jacobian import jacobian_penalty, make_projections
+from fastjac.testing import member_grads, reference_penalty, relative_error, stacked_grads
 
 CLASSES = 10
 CASES = [(mode, target) for mode in ("vjp", "jvp") for target in ("members", "ensemble")]
@@ -40,16 +41,9 @@ def backend_device(name: str, requested: str | torch.device | None = None) -> to
     return requested
 
 
-def _gradients(loss, tensors):
-    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
-
-
 def _relative_error(actual, expected) -> float:
-    """max |actual - expected| / max |expected|, with ``actual`` on any device and ``expected`` the float64
-    reference on the CPU."""
-    actual, expected = actual.detach().to("cpu", torch.float64), expected.detach()
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+    """``testing.relative_error`` with ``actual`` on any device and ``expected`` the float64 CPU reference."""
+    return relative_error(actual.detach().to("cpu", torch.float64), expected)
 
 
 def default_backends() -> list[str]:
@@ -58,25 +52,15 @@ def default_backends() -> list[str]:
     return [name for name in backends.available() if not (name == "triton" and backends.triton_interpreted())]
 
 
-def _estimator(mode: str):
-    return reference.penalty_vjp if mode == "vjp" else reference.penalty_jvp
-
-
-def _reference(members_list, x, projections, names) -> dict:
+def _reference(members_list, x, projections) -> dict:
     """The float64 CPU reference: logits [M,B,C], and per (mode, target) the penalty and its gradients
-    w.r.t. each stacked parameter ([M, *shape], in the order of ``names``, the Ensemble's)."""
+    {parameter name: [M, *shape]} (the Ensemble's stacked layout)."""
     plain = [copy.deepcopy(m).to(torch.float64) for m in members_list]
     x = x.to(torch.float64)
     expected = {"logits": reference.member_logits(plain, x)}
-    member_params = [dict(m.named_parameters()) for m in plain]
-    flat = [member_params[i][name] for name in names for i in range(len(plain))]
     for mode, target in CASES:
-        functions = plain if target == "members" else [reference.ensemble_model(plain)]
-        v = projections[mode].to(torch.float64)
-        penalty = torch.stack([_estimator(mode)(f, x, v) for f in functions])
-        grads = _gradients(penalty.sum(), flat)
-        count = len(plain)
-        expected[mode, target] = (penalty, [torch.stack(grads[k * count:(k + 1) * count]) for k in range(len(names))])
+        penalty = reference_penalty(plain, x, mode, target, projections[mode].to(torch.float64))
+        expected[mode, target] = (penalty, member_grads(plain, penalty.sum()))
     return expected
 
 
@@ -85,13 +69,13 @@ def _errors(name, device, members_list, x, projections, expected, dtype) -> dict
     ensemble = Ensemble([copy.deepcopy(m).to(dtype) for m in members_list]).to(device)
     x = x.to(device, dtype)
     errors = {"logits": _relative_error(ensemble.member_logits(x, backend=name), expected["logits"])}
-    params = list(ensemble.params().values())
     for mode, target in CASES:
         fast = jacobian_penalty(ensemble, x, mode=mode, target=target, projections=projections[mode].to(device, dtype),
                                 backend=name)
         penalty, grads = expected[mode, target]
         errors[f"penalty {mode}/{target}"] = _relative_error(fast, penalty.reshape(fast.shape))
-        errors[f"grad {mode}/{target}"] = max(_relative_error(a, b) for a, b in zip(_gradients(fast.sum(), params), grads))
+        fast_grads = stacked_grads(ensemble, fast.sum())
+        errors[f"grad {mode}/{target}"] = max(_relative_error(fast_grads[key], grads[key]) for key in grads)
     return errors
 
 
@@ -114,8 +98,7 @@ def verify(arch: str = "mlp", model_path=None, members: int = 3, batch: int = 5,
     names = names or default_backends()
     for name in names:
         backends.resolve(name)  # a backend named explicitly must be able to run
-    ensemble_names = Ensemble([copy.deepcopy(m) for m in members_list]).names
-    expected = _reference(members_list, x, projections, ensemble_names)
+    expected = _reference(members_list, x, projections)
     report = {"arch": arch if model_path is None else str(model_path), "backends": {}}
     for name in names:
         where = backend_device(name, device)
