@@ -165,7 +165,7 @@ def upstream(count, dtype, seed=3):
 def test_member_logits_shared_input(backend, arch, members):
     mods = make_members(arch, members)
     ensemble = Ensemble(copy.deepcopy(mods)).eval()
-    assert ensemble.layers is not None, "this architecture should run on the stacked engine"
+    assert ensemble.graph is not None, "this architecture should run on the stacked engine"
     x = make_input(3)
     logits = ensemble.member_logits(x, backend=backend)
     expected = reference.member_logits(mods, x)
@@ -229,7 +229,7 @@ def test_penalty_other_layer_kinds_float64(backend, arch, mode, target):
     layers, pooling before any weight: each has its own transposed path in the engine."""
     mods = make_members(arch, 3)
     ensemble = Ensemble(copy.deepcopy(mods)).eval()
-    assert ensemble.layers is not None
+    assert ensemble.graph is not None
     x = make_input(3)
     assert_penalty_matches_reference(mods, ensemble, x, mode, target, make_projections(mode, 2, x, 5), backend,
                                      arch)
@@ -332,8 +332,8 @@ def engine_grads_module(module, value):
 
 
 # ------------------------------------------------------------------------------------- generic path
-def tanh_mlp():
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 7), nn.Tanh(), nn.Linear(7, 5))
+def hardtanh_mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 7), nn.Hardtanh(), nn.Linear(7, 5))
 
 
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
@@ -341,9 +341,9 @@ def tanh_mlp():
 def test_unfused_architecture_generic_path_correct_and_warns_once(monkeypatch, mode, target):
     monkeypatch.setattr(fastjac.ensemble, "_warned", set())  # "once" is per process; start from a clean slate
     torch.manual_seed(0)
-    mods = [tanh_mlp().double() for _ in range(3)]
+    mods = [hardtanh_mlp().double() for _ in range(3)]
     ensemble = Ensemble(copy.deepcopy(mods))
-    assert ensemble.layers is None and "Tanh" in ensemble.unsupported
+    assert ensemble.graph is None and "Hardtanh" in ensemble.unsupported
     x = make_input(2)
     projections = make_projections(mode, 2, x, 5)
     with pytest.warns(UserWarning, match="generic"):

@@ -1,0 +1,159 @@
+"""The generic path: members the layer registry does not fuse, on torch.func.
+
+``torch.func.functional_call`` runs the member architecture over one member's slice of the stacked
+parameters and buffers, ``vmap`` runs all M members at once (a per-member loop only where vmap cannot
+go: data-dependent control flow), ``jvp`` carries the P tangent directions beside one primal pass
+(vmapped over the directions), and the vjp mode is one reverse pass over all members and projections
+(``autograd.grad`` with batched cotangents, ``create_graph`` so the penalty is differentiable).
+
+Buffers: inside the transforms nothing is mutated. A BatchNorm that would update its running statistics
+(train mode) runs with the batch's statistics and no running ones, its batch mean and variance are
+returned beside the logits, and the running statistics are updated once afterwards exactly as a plain
+forward updates them (``layers.update_running_stats``).
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fastjac.layers import update_running_stats
+
+log = logging.getLogger("fastjac.generic")
+
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass
+class Members:
+    """A model as the generic path sees it: an architecture and its state stacked over M members."""
+    template: nn.Module    # the member architecture (its own values are never read), in the model's mode
+    state: dict            # parameter and buffer name -> [M, ...] (differentiable views where parameters)
+    count: int
+
+
+def members_of(model: nn.Module) -> Members:
+    """An Ensemble's template and stacked state, or a single module as one member."""
+    from fastjac.ensemble import Ensemble  # (ensemble imports this module)
+
+    if isinstance(model, Ensemble):
+        template = model._template[0]
+        template.train(model.training)
+        return Members(template, model.state(), model.num_members)
+    state = {name: tensor.unsqueeze(0) for name, tensor in model.named_parameters()}
+    state.update({name: tensor.unsqueeze(0) for name, tensor in model.named_buffers()})
+    return Members(model, state, 1)
+
+
+# members that vmap cannot run (data-dependent control flow): they run one at a time
+_LOOPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+class _MemberCall:
+    """f(state_m, x_m) -> (logits, batch statistics) for one member's state: functional_call with the
+    running statistics of train-mode BatchNorms replaced by None (they normalize with the batch's), and
+    forward pre-hooks returning each such layer's batch mean and biased variance, in call order."""
+
+    def __init__(self, members: Members):
+        self.members = members
+        self.tracked = {module: name for name, module in members.template.named_modules()
+                        if isinstance(module, _BatchNorm) and module.training and module.track_running_stats}
+        self.without_running = {f"{name}.{key}": None for name in self.tracked.values() for key in _RUNNING}
+        self.calls: list = []  # (module, values per channel) of each BatchNorm call of the last member call
+
+    def __call__(self, state: dict, x: torch.Tensor):
+        stats, calls = [], []
+
+        def record(module, args):
+            values = args[0].detach()  # [N, C, *spatial] of one member
+            var, mean = torch.var_mean(values, dim=[0, *range(2, values.dim())], correction=0)
+            stats.append((mean, var))
+            calls.append((module, values.numel() // values.shape[1]))
+
+        handles = [module.register_forward_pre_hook(record) for module in self.tracked]
+        try:
+            out = torch.func.functional_call(self.members.template, {**state, **self.without_running}, (x,))
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.calls = calls
+        return out, tuple(stats)
+
+    def update(self, stats) -> None:
+        """The running statistics' one update per pass, from the batch statistics ([M, C] each)."""
+        for (module, count), (mean, var) in zip(self.calls, stats):
+            name = self.tracked[module]
+            running = [self.members.state.get(f"{name}.{key}") for key in _RUNNING]
+            update_running_stats(*running, mean, var, count, module.momentum)
+
+
+def _over_members(call, members: Members, inputs: tuple, in_dims: tuple):
+    """``call(state_m, *inputs_m)`` for every member, stacked: vmap over the members, or a loop for
+    members vmap cannot run. ``in_dims`` gives each input's member axis (None: shared)."""
+    template = members.template
+    if template not in _LOOPED:
+        try:
+            return torch.func.vmap(call, in_dims=(0, *in_dims), randomness="different")(members.state, *inputs)
+        except RuntimeError as error:
+            if "vmap" not in str(error):
+                raise
+            log.debug("generic path: members of %s run one at a time (%s)", type(template).__name__, error)
+            _LOOPED.add(template)
+    results = []
+    for index in range(members.count):
+        state = {name: tensor[index] for name, tensor in members.state.items()}
+        results.append(call(state, *(x if dim is None else x[index] for x, dim in zip(inputs, in_dims))))
+    return torch.utils._pytree.tree_map(lambda *parts: torch.stack(parts), *results)
+
+
+def member_logits(model: nn.Module, x: torch.Tensor, per_member: bool = False) -> torch.Tensor:
+    """Logits of every member [M, B, C]; x [B, *input] shared, or [M, B, *input] with ``per_member``."""
+    members = members_of(model)
+    call = _MemberCall(members)
+    logits, stats = _over_members(call, members, (x,), (0 if per_member else None,))
+    call.update(stats)
+    return logits
+
+
+def jvp(model: nn.Module, x: torch.Tensor, u: torch.Tensor, per_member: bool = False):
+    """(logits [M, B, C], J_m u [M, P, B, C]) from one primal pass per member with the P directions
+    u [P, B, *input] vmapped beside it (forward mode)."""
+    members = members_of(model)
+    call = _MemberCall(members)
+
+    def member(state, x_m):
+        def directions(u_p):
+            return torch.func.jvp(lambda inputs: call(state, inputs), (x_m,), (u_p,), has_aux=True)
+
+        # the primal's inputs are not batched over the directions, so it runs once, but vmap hands the
+        # primal outputs back expanded over them: keep one copy
+        logits, tangents, stats = torch.func.vmap(directions, randomness="same")(u)
+        return logits[0], tangents, torch.utils._pytree.tree_map(lambda s: s[0], stats)
+
+    logits, tangents, stats = _over_members(member, members, (x,), (0 if per_member else None,))
+    call.update(stats)
+    return logits, tangents
+
+
+def logits_with_input(model: nn.Module, x: torch.Tensor, per_member: bool = False):
+    """(logits [M, B, C], the member inputs [M, B, *input] they were computed from, which require grad):
+    the forward half of the vjp mode; ``cotangents`` is the reverse half."""
+    members = members_of(model)
+    inputs = (x if per_member else x.expand(members.count, *x.shape)).detach().requires_grad_(True)
+    call = _MemberCall(members)
+    logits, stats = _over_members(call, members, (inputs,), (0,))
+    call.update(stats)
+    return logits, inputs
+
+
+def cotangents(logits: torch.Tensor, inputs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """v^T J_m for every member [M, P, B, *input], from ``logits_with_input``'s pair and v [P, B, C] (the
+    same rows for every member): one reverse pass batched over the P projections, differentiable w.r.t.
+    the parameters (its graph is kept)."""
+    batched = v.unsqueeze(1).expand(v.shape[0], *logits.shape)  # [P, M, B, C]
+    (g,) = torch.autograd.grad(logits, inputs, batched, create_graph=True, is_grads_batched=True)
+    return g.transpose(0, 1)
