@@ -6,13 +6,14 @@ go: data-dependent control flow), ``jvp`` carries the P tangent directions besid
 (vmapped over the directions), and the vjp mode is one reverse pass over all members and projections
 (``autograd.grad`` with batched cotangents, ``create_graph`` so the penalty is differentiable).
 
-Buffers: inside the transforms nothing is mutated. A BatchNorm that would update its running statistics
-(train mode) runs with the batch's statistics and no running ones, its batch mean and variance are
-returned beside the logits, and the running statistics are updated once afterwards exactly as a plain
-forward updates them (``layers.update_running_stats``).
+Buffers: inside the transforms nothing is mutated. A BatchNorm that normalizes with its batch's
+statistics (train mode) runs as ``BatchStatisticsNorm`` (plain ops: see there why), its batch mean and
+variance are returned beside the logits, and the running statistics are updated once afterwards exactly
+as a plain forward updates them (``layers.update_running_stats``).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import weakref
 from dataclasses import dataclass
@@ -53,51 +54,97 @@ def members_of(model: nn.Module) -> Members:
 _LOOPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
+class BatchStatisticsNorm(nn.Module):
+    """A BatchNorm normalizing with its batch's statistics, in plain differentiable ops: what the generic
+    path runs in place of ``nn.BatchNorm*d`` in train mode (or without running statistics).
+
+    ATen's batch_norm gives a wrong reverse-mode derivative of its forward-mode JVP in training mode
+    (pytorch/pytorch#196699, an incorrect second-order JVP; measured here against finite differences),
+    so torch.func.jvp through it would give wrong parameter gradients of the jvp-mode penalty. Same
+    parameter names (weight, bias) as the module it replaces; no buffers: when ``sink`` is a list, each
+    call appends (self, batch mean [C], biased variance [C], values per channel) for the running
+    statistics' update outside the transforms.
+    """
+
+    def __init__(self, source: _BatchNorm, name: str):
+        super().__init__()
+        self.name, self.eps, self.momentum = name, source.eps, source.momentum
+        self.updates_running = source.training and source.track_running_stats
+        self.weight = nn.Parameter(torch.empty_like(source.weight)) if source.affine else None
+        self.bias = nn.Parameter(torch.empty_like(source.bias)) if source.affine else None
+        self.sink: list | None = None
+
+    def forward(self, x):
+        dims = [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        if self.updates_running and self.sink is not None:
+            self.sink.append((self, mean.detach().flatten(), var.detach().flatten(), x.numel() // x.shape[1]))
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is None:
+            return y
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+
+# architecture -> (the modes it was prepared in, its functional copy), rebuilt when a mode changes
+_FUNCTIONAL: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _functional_template(template: nn.Module) -> nn.Module:
+    """A copy of the member architecture with every BatchNorm that uses batch statistics (train mode, or no
+    running statistics) replaced by ``BatchStatisticsNorm``; cached per architecture and modes."""
+    modes = tuple(module.training for module in template.modules())
+    cached = _FUNCTIONAL.get(template)
+    if cached is not None and cached[0] == modes:
+        return cached[1]
+    functional = copy.deepcopy(template).to("meta")  # its values are never read: the state is passed in
+    for name, module in list(functional.named_modules()):
+        if isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats):
+            parent, _, child = name.rpartition(".")
+            setattr(functional.get_submodule(parent), child, BatchStatisticsNorm(module, name))
+    _FUNCTIONAL[template] = (modes, functional)
+    return functional
+
+
 class _MemberCall:
-    """f(state_m, x_m) -> (logits, batch statistics) for one member's state: functional_call with the
-    running statistics of train-mode BatchNorms replaced by None (they normalize with the batch's), and
-    forward pre-hooks returning each such layer's batch mean and biased variance, in call order."""
+    """f(state_m, x_m) -> (logits, batch statistics) for one member's state: functional_call on the
+    functional template (``_functional_template``), returning the batch mean and biased variance of each
+    BatchNorm that updates running statistics, in call order, beside the logits."""
 
     def __init__(self, members: Members):
         self.members = members
-        self.tracked = {module: name for name, module in members.template.named_modules()
-                        if isinstance(module, _BatchNorm) and module.training and module.track_running_stats}
-        self.without_running = {f"{name}.{key}": None for name in self.tracked.values() for key in _RUNNING}
-        self.calls: list = []  # (module, values per channel) of each BatchNorm call of the last member call
+        self.template = _functional_template(members.template)
+        names = {name for name, _ in self.template.named_parameters()} | {n for n, _ in self.template.named_buffers()}
+        self.state = {name: tensor for name, tensor in members.state.items() if name in names}
+        self.norms = [m for m in self.template.modules() if isinstance(m, BatchStatisticsNorm) and m.updates_running]
+        self.calls: list = []  # (module, values per channel) of each recorded call of the last member call
 
     def __call__(self, state: dict, x: torch.Tensor):
-        stats, calls = [], []
-
-        def record(module, args):
-            values = args[0].detach()  # [N, C, *spatial] of one member
-            var, mean = torch.var_mean(values, dim=[0, *range(2, values.dim())], correction=0)
-            stats.append((mean, var))
-            calls.append((module, values.numel() // values.shape[1]))
-
-        handles = [module.register_forward_pre_hook(record) for module in self.tracked]
+        sink = []
+        for norm in self.norms:
+            norm.sink = sink
         try:
-            out = torch.func.functional_call(self.members.template, {**state, **self.without_running}, (x,))
+            out = torch.func.functional_call(self.template, state, (x,))
         finally:
-            for handle in handles:
-                handle.remove()
-        self.calls = calls
-        return out, tuple(stats)
+            for norm in self.norms:
+                norm.sink = None
+        self.calls = [(norm, count) for norm, _, _, count in sink]
+        return out, tuple((mean, var) for _, mean, var, _ in sink)
 
     def update(self, stats) -> None:
         """The running statistics' one update per pass, from the batch statistics ([M, C] each)."""
-        for (module, count), (mean, var) in zip(self.calls, stats):
-            name = self.tracked[module]
-            running = [self.members.state.get(f"{name}.{key}") for key in _RUNNING]
-            update_running_stats(*running, mean, var, count, module.momentum)
+        for (norm, count), (mean, var) in zip(self.calls, stats):
+            running = [self.members.state.get(f"{norm.name}.{key}") for key in _RUNNING]
+            update_running_stats(*running, mean, var, count, norm.momentum)
 
 
-def _over_members(call, members: Members, inputs: tuple, in_dims: tuple):
+def _over_members(call, members: Members, state: dict, inputs: tuple, in_dims: tuple):
     """``call(state_m, *inputs_m)`` for every member, stacked: vmap over the members, or a loop for
     members vmap cannot run. ``in_dims`` gives each input's member axis (None: shared)."""
     template = members.template
     if template not in _LOOPED:
         try:
-            return torch.func.vmap(call, in_dims=(0, *in_dims), randomness="different")(members.state, *inputs)
+            return torch.func.vmap(call, in_dims=(0, *in_dims), randomness="different")(state, *inputs)
         except RuntimeError as error:
             if "vmap" not in str(error):
                 raise
@@ -105,8 +152,8 @@ def _over_members(call, members: Members, inputs: tuple, in_dims: tuple):
             _LOOPED.add(template)
     results = []
     for index in range(members.count):
-        state = {name: tensor[index] for name, tensor in members.state.items()}
-        results.append(call(state, *(x if dim is None else x[index] for x, dim in zip(inputs, in_dims))))
+        member_state = {name: tensor[index] for name, tensor in state.items()}
+        results.append(call(member_state, *(x if dim is None else x[index] for x, dim in zip(inputs, in_dims))))
     return torch.utils._pytree.tree_map(lambda *parts: torch.stack(parts), *results)
 
 
@@ -114,7 +161,7 @@ def member_logits(model: nn.Module, x: torch.Tensor, per_member: bool = False) -
     """Logits of every member [M, B, C]; x [B, *input] shared, or [M, B, *input] with ``per_member``."""
     members = members_of(model)
     call = _MemberCall(members)
-    logits, stats = _over_members(call, members, (x,), (0 if per_member else None,))
+    logits, stats = _over_members(call, members, call.state, (x,), (0 if per_member else None,))
     call.update(stats)
     return logits
 
@@ -134,7 +181,7 @@ def jvp(model: nn.Module, x: torch.Tensor, u: torch.Tensor, per_member: bool = F
         logits, tangents, stats = torch.func.vmap(directions, randomness="same")(u)
         return logits[0], tangents, torch.utils._pytree.tree_map(lambda s: s[0], stats)
 
-    logits, tangents, stats = _over_members(member, members, (x,), (0 if per_member else None,))
+    logits, tangents, stats = _over_members(member, members, call.state, (x,), (0 if per_member else None,))
     call.update(stats)
     return logits, tangents
 
@@ -145,7 +192,7 @@ def logits_with_input(model: nn.Module, x: torch.Tensor, per_member: bool = Fals
     members = members_of(model)
     inputs = (x if per_member else x.expand(members.count, *x.shape)).detach().requires_grad_(True)
     call = _MemberCall(members)
-    logits, stats = _over_members(call, members, (inputs,), (0,))
+    logits, stats = _over_members(call, members, call.state, (inputs,), (0,))
     call.update(stats)
     return logits, inputs
 

@@ -1,6 +1,9 @@
 """What the engine, layer, graph, model and generic-path tests share: inputs, explicit projections, the
 reference penalty on unstacked members, restacked gradients, and the float64 comparison of a fast
 penalty (and every parameter gradient) with the reference."""
+import contextlib
+import types
+
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -27,30 +30,43 @@ def make_projections(mode, nproj, x, classes, seed=2):
     return reference.gaussian_projections(nproj, x.shape, generator=g, dtype=x.dtype)
 
 
-def batchnorm_in_training(members) -> bool:
-    return any(isinstance(m, _BatchNorm) and m.training for member in members for m in member.modules())
+def _normalize_by_ops(self, x):
+    """nn.BatchNorm*d's output with its batch's statistics, in elementary ops (no running statistics)."""
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dims, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + self.eps)
+    if self.weight is None:
+        return y
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return y * self.weight.reshape(shape) + self.bias.reshape(shape)
 
 
-def penalty_jvp_double_vjp(f, x, u):
-    """The input-space estimator with J u from autograd's double-vjp trick (``autograd.functional.jvp``):
-    the oracle where torch.func.jvp refuses to run (a BatchNorm updating its running statistics in
-    train mode); differentiable w.r.t. the parameters (create_graph)."""
-    total = x.new_zeros(())
-    for direction in u:
-        _, tangent = torch.autograd.functional.jvp(f, x, direction, create_graph=True)
-        total = total + tangent.pow(2).sum()
-    return total / (u.shape[0] * x.shape[0])
+@contextlib.contextmanager
+def batch_statistics_by_ops(members):
+    """Within the block, every BatchNorm of ``members`` that normalizes with its batch's statistics (train
+    mode, or no running statistics) computes in elementary ops: ATen's batch_norm gives wrong gradients of
+    its forward-mode JVP in training mode (pytorch/pytorch#196699; also wrong third derivatives through
+    autograd.functional.jvp, measured against finite differences), and torch.func.jvp refuses its in-place
+    running-statistics update. The parameters stay the members' own."""
+    patched = [m for member in members for m in member.modules()
+               if isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats)]
+    for module in patched:
+        module.forward = types.MethodType(_normalize_by_ops, module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
 
 
 def reference_penalty(members, x, mode, target, projections):
     """[M] (members) or scalar (ensemble) from the reference estimators on the unstacked members."""
-    if mode == "vjp":
-        fn = reference.penalty_vjp
-    else:
-        fn = penalty_jvp_double_vjp if batchnorm_in_training(members) else reference.penalty_jvp
-    if target == "members":
-        return torch.stack([fn(member, x, projections) for member in members])
-    return fn(reference.ensemble_model(members), x, projections)
+    fn = {"vjp": reference.penalty_vjp, "jvp": reference.penalty_jvp}[mode]
+    with batch_statistics_by_ops(members):
+        if target == "members":
+            return torch.stack([fn(member, x, projections) for member in members])
+        return fn(reference.ensemble_model(members), x, projections)
 
 
 def engine_grads(ensemble, value):
@@ -71,10 +87,12 @@ def reference_grads(members, value):
 
 def assert_grads_close(actual, expected, *, rtol, atol_scale, name):
     assert actual.keys() == expected.keys()
+    largest = max(float(e.abs().max()) for e in expected.values())
     for key in expected:
         # atol relative to the tensor's largest gradient: exact zeros (dead units) come out as rounding
-        # noise on the scale of the other terms
-        atol = atol_scale * float(expected[key].abs().max()) + 1e-300
+        # noise on the scale of the other terms. A gradient that is zero as a whole (a bias before a
+        # train-mode BatchNorm) is pure noise: there, 1e-3 of the largest gradient of any tensor sets it.
+        atol = atol_scale * max(float(expected[key].abs().max()), 1e-3 * largest) + 1e-300
         assert_close(actual[key], expected[key], rtol=rtol, atol=atol, name=f"{name} d/d{key}")
 
 
