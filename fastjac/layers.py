@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastjac.ops import batch_norm as batch_norm_op
 from fastjac.ops import stacked_linear as linear_op
 from fastjac.ops import stream_epilogue as epilogue_op
 
@@ -622,16 +623,6 @@ def from_channel_streams(y: torch.Tensor, layout: str, features: tuple) -> tuple
     return y.reshape(streams * batch, members, *features), "rows"
 
 
-def normalized_linearization(t: torch.Tensor, x_hat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The derivative of batch normalization applied to the rows of each stream, cross-sample terms
-    included: scale * (t - mean(t) - x_hat * mean(t * x_hat)), means over the B samples and the space
-    of one stream (t [S, B, M, C, L], x_hat [B, M, C, L], scale [M, C, 1]). The map is self-adjoint:
-    the same expression transposes it."""
-    dims = (1, 4)
-    centred = t - t.mean(dims, keepdim=True) - x_hat * (t * x_hat).mean(dims, keepdim=True)
-    return centred * scale
-
-
 def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count: int,
                          momentum: float | None) -> None:
     """One update of the running statistics [M, C] from a batch's mean and biased variance [M, C] over
@@ -702,7 +693,9 @@ class BatchNorm(Layer):
             flat = x[0].reshape(batch, -1, x.shape[-1])
             running_mean, running_var, _ = self._running(run)
             if self.batch_statistics:
-                self._update(run, *_batch_stats(x[0].detach()), batch * x.shape[-1])
+                with torch.no_grad():
+                    mean, var, _ = batch_norm_op.moments(x[0])
+                    self._update(run, mean, var, batch * x.shape[-1])
                 running_mean = running_var = None
             out = F.batch_norm(flat, None if running_mean is None else running_mean.reshape(-1),
                                None if running_var is None else running_var.reshape(-1),
@@ -712,13 +705,11 @@ class BatchNorm(Layer):
         gamma3 = None if gamma is None else gamma.view(members, -1, 1)
         beta3 = None if beta is None else beta.view(members, -1, 1)
         if self.batch_statistics:
-            mean, var = _batch_stats(x[0])  # [M, C, 1] from the primal rows only
+            x_hat, inv_std, mean, var = batch_norm_op.batch_statistics(x[0], self.eps)  # from the primal rows
             self._update(run, mean, var, batch * x.shape[-1])
-            inv_std = torch.rsqrt(var + self.eps)
-            x_hat = (x[0] - mean) * inv_std
             scale = inv_std if gamma3 is None else inv_std * gamma3
             primal = x_hat if gamma3 is None else torch.addcmul(beta3, x_hat, gamma3)
-            tangents = normalized_linearization(x[1:], x_hat, scale)
+            tangents = batch_norm_op.normalized_linearization(x[1:], x_hat, scale) if streams > 1 else None
             saved = BatchNormSaved(scale, x_hat)
         else:  # a per-channel affine map: the extra rows are only scaled
             running_mean, running_var, _ = self._running(run)
@@ -727,9 +718,9 @@ class BatchNorm(Layer):
             shift = -running_mean.view(members, -1, 1) * scale
             shift = shift if beta3 is None else shift + beta3
             primal = torch.addcmul(shift, x[0], scale)
-            tangents = x[1:] * scale
+            tangents = x[1:] * scale if streams > 1 else None
             saved = BatchNormSaved(scale)
-        out = torch.cat([primal.unsqueeze(0), tangents])
+        out = primal.unsqueeze(0) if tangents is None else torch.cat([primal.unsqueeze(0), tangents])
         return from_channel_streams(out, layout, features) + (saved,)
 
     def transpose(self, run, saved, g, layout, nproj, batch):
@@ -738,14 +729,8 @@ class BatchNorm(Layer):
         if saved.x_hat is None:
             out = g5 * saved.scale
         else:
-            out = normalized_linearization(g5, saved.x_hat, saved.scale)
+            out = batch_norm_op.normalized_linearization(g5, saved.x_hat, saved.scale)
         return from_channel_streams(out, layout, features)
-
-
-def _batch_stats(x: torch.Tensor):
-    """Mean and biased variance of primal rows [B, M, C, L] per member and channel, each [M, C, 1]."""
-    var, mean = torch.var_mean(x, dim=(0, 3), correction=0, keepdim=True)
-    return mean.squeeze(0), var.squeeze(0)
 
 
 # ----------------------------------------------------------------------------------- functional calls
