@@ -70,8 +70,10 @@ class ResNet(nn.Module):
 
     def __init__(self, depth: int = 8, width: int = 16, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"resnet depth must be 6n + 2 with n >= 1 (8, 14, 20, ...), got {depth!r}")
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"resnet depth must be an int 6n + 2 with n >= 1 (8, 14, 20, ...), got {depth!r}")
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise ValueError(f"resnet width must be an int >= 1, got {width!r}")
         blocks = (depth - 2) // 6
         self.conv = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(width)
