@@ -14,8 +14,9 @@ Launchers (torch ops; every backend runs these):
     moments(x) -> (mean [1,M,C,1], var [1,M,C,1], x - mean)
     statistics_forward(x, eps) -> (x_hat, inv_std, mean [M,C,1], var [M,C,1])
     statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std) -> grad_x
-    linearization_forward(t, x_hat, scale) -> scale * (t - mean(t) - x_hat * mean(t * x_hat))
-    linearization_backward(grad_out, t, x_hat, scale) -> (grad_t, grad_x_hat, grad_scale)
+    linearization_forward(t, x_hat, scale) -> (scale * (t - mean(t) - x_hat * mean(t * x_hat)),
+                                               (mean(t), mean(t * x_hat)) [S, 1, M, C, 1])
+    linearization_backward(grad_out, t, x_hat, scale, mean_t, mean_tx) -> (grad_t, grad_x_hat, grad_scale)
 The means of the linearization run over the B samples and the space of ONE stream: each stream is a
 direction for the whole batch. The map is self-adjoint, so it serves the tangent and the cotangent rows.
 """
@@ -57,19 +58,26 @@ def statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std):
     return grad_x
 
 
-def _self_adjoint(t, x_hat, scale, count):
-    """scale * (t - mean(t) - x_hat * mean(t * x_hat)), means per stream over [B, L] (t [..., B, M, C, L])."""
-    mean_t = _per_channel_sum(t) / count
-    mean_tx = _per_channel_sum(t * x_hat) / count
+def _self_adjoint(t, x_hat, scale, count, means=None):
+    """scale * (t - mean(t) - x_hat * mean(t * x_hat)), means per stream over [B, L] (t [..., B, M, C, L]);
+    ``means`` = (mean(t), mean(t * x_hat)) when already known."""
+    mean_t, mean_tx = _means(t, x_hat, count) if means is None else means
     out = torch.addcmul(-(mean_t * scale), t, scale)
     return out.addcmul_(x_hat, mean_tx * scale, value=-1)
 
 
+def _means(t, x_hat, count):
+    """(mean(t), mean(t * x_hat)) per stream, member and channel: [..., 1, M, C, 1] each."""
+    return _per_channel_sum(t) / count, _per_channel_sum(t * x_hat) / count
+
+
 def linearization_forward(t, x_hat, scale):
-    return _self_adjoint(t, x_hat, scale, t.shape[1] * t.shape[4])
+    """(the linearization of t, the means it used: mean(t), mean(t * x_hat) per stream)."""
+    means = _means(t, x_hat, t.shape[1] * t.shape[4])
+    return _self_adjoint(t, x_hat, scale, t.shape[1] * t.shape[4], means), means
 
 
-def linearization_backward(grad_out, t, x_hat, scale):
+def linearization_backward(grad_out, t, x_hat, scale, mean_t, mean_tx):
     """With c = t - a - x_hat * b (a = mean(t), b = mean(t * x_hat)) and out = scale * c:
     grad_t = the same map applied to grad_out; grad_scale = sum(grad_out * c);
     grad_x_hat = -sum over streams of (H * b + t * mean(H * x_hat)), H = grad_out * scale."""
@@ -77,8 +85,6 @@ def linearization_backward(grad_out, t, x_hat, scale):
     sum_g = _per_channel_sum(grad_out)               # [S, 1, M, C, 1]
     sum_gx = _per_channel_sum(grad_out * x_hat)
     sum_gt = _per_channel_sum(grad_out * t)
-    mean_t = _per_channel_sum(t) / count
-    mean_tx = _per_channel_sum(t * x_hat) / count
     grad_t = torch.addcmul(-(sum_g * scale / count), grad_out, scale).addcmul_(x_hat, sum_gx * scale / count,
                                                                               value=-1)
     grad_scale = (sum_gt - mean_t * sum_g - mean_tx * sum_gx).sum(0)[0]
@@ -106,8 +112,9 @@ class BatchStatistics(torch.autograd.Function):
 class NormalizedLinearization(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, x_hat, scale):
-        ctx.save_for_backward(t, x_hat, scale)
-        return linearization_forward(t, x_hat, scale)
+        out, means = linearization_forward(t, x_hat, scale)
+        ctx.save_for_backward(t, x_hat, scale, *means)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
