@@ -1,8 +1,11 @@
 """Same-run timing of the training steps on one architecture (default ResNet-8, M = 5, B = 128): the plain
 stacked step, a loop of the member modules, the JR steps (vjp, jvp) on the stacked engine, the same JR
 steps on the generic torch.func path (the engine switched off for that ensemble), and the reference JR
-step (loop of members + Hoffman's double backprop). Every step is CE (+ lambda/2 * penalty) and one
-Adam step, as ``python -m fastjac bench`` forms them.
+steps: a loop of members with Hoffman's double backprop (vjp), or with the reference's input-space
+estimator (jvp: torch.func.jvp per member and projection, beside the logits' own forward, as the
+generic fallback ran before the torch.func path). Every step is CE (+ lambda/2 * penalty) and one Adam
+step, as ``python -m fastjac bench`` forms them. ``--arch untraceable`` is a LeNet-like member with
+data-dependent control flow: torch.fx cannot trace it, so its JR steps run on the generic path.
 
 A design tool for the engine, not the project's benchmark (``python -m fastjac bench``): cases are timed
 interleaved (round-robin in shuffled order), so ratios within one run compare like with like; absolute
@@ -21,6 +24,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fastjac import Ensemble, models, reference
 from fastjac.jacobian import penalty_and_logits
@@ -43,10 +47,26 @@ def _stacked_ce(logits, y):
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / y.shape[0]
 
 
+class Untraceable(nn.Module):
+    """LeNet-like, with a branch on the data: symbolic tracing cannot follow it (nor vmap over members)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, 5, padding=2), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2).flatten(1)
+        h = self.fc1(h)
+        h = torch.tanh(h) if h.mean() > 0 else F.relu(h)
+        return self.fc3(F.relu(self.fc2(h)))
+
+
 def cases(arch: str, members: int, batch: int) -> dict:
     """name -> a closure running one training step on fresh members (seed 0) and a fixed random batch."""
     torch.manual_seed(0)
-    mods = [models.build(arch) for _ in range(members)]
+    mods = [Untraceable() if arch == "untraceable" else models.build(arch) for _ in range(members)]
     generator = torch.Generator().manual_seed(1)
     x = torch.rand(batch, *models.INPUT_SHAPE, generator=generator)
     y = torch.randint(0, 10, (batch,), generator=generator)
@@ -84,13 +104,22 @@ def cases(arch: str, members: int, batch: int) -> dict:
             loss = loss + F.cross_entropy(logits, y) + JR_LAMBDA / 2 * reference.penalty_vjp_outputs(inputs, logits, v)
         _step(loop_optimizer, loss)
 
+    def reference_jvp_step():  # the reference's input-space estimator per member, logits from their own forward
+        u = reference.gaussian_projections(1, x.shape)
+        loss = 0.0
+        for member in loop_members:
+            penalty = reference.penalty_jvp(member, x, u)
+            loss = loss + F.cross_entropy(member(x), y) + JR_LAMBDA / 2 * penalty
+        _step(loop_optimizer, loss)
+
     steps["reference"] = reference_step
+    steps["reference_jvp"] = reference_jvp_step
     return steps
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="resnet", choices=list(models.ARCHITECTURES))
+    parser.add_argument("--arch", default="resnet", choices=[*models.ARCHITECTURES, "untraceable"])
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=7)
@@ -117,7 +146,8 @@ def main(argv=None) -> None:
     base = medians.get("plain")
     for name in names:
         ratio = f"{medians[name] / base:5.2f}x plain" if base else ""
-        vs_ref = f"  reference/this {medians['reference'] / medians[name]:5.2f}" if "reference" in medians else ""
+        anchor = "reference_jvp" if name.endswith("jvp") and "reference_jvp" in medians else "reference"
+        vs_ref = f"  {anchor}/this {medians[anchor] / medians[name]:5.2f}" if anchor in medians else ""
         print(f"  {name:14s} {medians[name]:9.1f} ms  {ratio}{vs_ref}")
 
 

@@ -18,8 +18,8 @@ Rows: R = S*B, stream 0 (rows [0, B)) is the primal batch, streams 1..S-1 are ta
 In the cotangent chain the P*B rows are the P projections' cotangents. Activations travel in one of
 three layouts, whichever makes the next product one call:
     "shared"  [R, *features]     the input batch, the same for every member
-    "members" [M, R, *features]  after a Linear (one bmm per layer)
-    "rows"    [R, M, *features]  after a Conv2d (one grouped convolution, channels M*C)
+    "members" [M, R, *features]  after a Linear (one bmm per layer) or a per-member Conv2d
+    "rows"    [R, M, *features]  after a Conv2d on the shared input (one convolution, channels M*C)
 Cotangents are never "shared": each member's v^T J is its own.
 
 Layer math (DESIGN.md): bias on the primal rows only; ReLU masks, max-pool indices and the derivative

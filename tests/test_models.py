@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from fastjac import Ensemble, models
+from fastjac import Ensemble, JacobianReg, models, reference
 from tests.engine_cases import (F64, assert_logits_match_reference, assert_penalty_matches_reference, make_input,
-                                make_projections)
+                                make_projections, reference_penalty)
+from tests.helpers import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,3 +93,21 @@ def test_resnet_members_round_trip():
     for original, member in zip(mods, ensemble.members()):
         assert isinstance(member, models.ResNet)
         assert torch.equal(member(x), original(x))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_resnet_hoffman_style_jacobian_reg_uses_the_recorded_pass(train):
+    """``y = ens(x)`` with x requiring grad records the engine's tape (BatchNorm's saved state included);
+    ``JacobianReg`` then equals half the ensemble-target penalty for the same projections, and the
+    running statistics moved once (one forward)."""
+    mods, ensemble, x = make_resnet_case(2, train)
+    x = x.requires_grad_(True)
+    y = ensemble(x)
+    torch.manual_seed(7)
+    value = JacobianReg(1)(x, y)
+    torch.manual_seed(7)
+    v = reference.sphere_projections(1, x.shape[0], 10, dtype=F64)
+    expected = 0.5 * reference_penalty(mods, x.detach(), "vjp", "ensemble", v)
+    assert_close(value, expected, rtol=1e-10, atol=0, name="JacobianReg on the ResNet")
+    tracked = ensemble.buffers_by_name()["bn.num_batches_tracked"]
+    assert tracked.tolist() == ([1, 1] if train else [0, 0])
