@@ -1,49 +1,38 @@
 """Training steps (forward, loss, backward, Adam step; B = 128, nproj = 1): the plain stacked step, the JR
-steps (vjp and jvp) on every backend, the reference JR step and the plain loop over members."""
+steps on every backend, the user-loop, Hoffman-style and compiled steps, the reference JR step, the
+torch.func peer, the generic path and the plain loop over members: every training row of the table."""
 import pytest
 
-from fastjac.benchmark import ARCHS, MEMBERS, CaseSpec, bench_backends
+from bench.suite import case_params
+from fastjac.benchmark import KINDS, CaseSpec, count_flops
 
-BACKENDS = bench_backends("cpu")  # every available backend but Triton (an interpreter on the CPU)
-
-
-@pytest.mark.parametrize("members", MEMBERS)
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
-def test_plain_stacked_step(run_case, arch, members, backend):
-    run_case(CaseSpec("plain", arch, members, backend))
+TRAINING = {name for name, kind in KINDS.items() if not name.startswith(("infer_", "uap"))}
 
 
-@pytest.mark.parametrize("members", MEMBERS)
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["vjp", "jvp"])
-def test_jr_step(run_case, arch, members, backend, mode):
-    run_case(CaseSpec(f"jr_{mode}", arch, members, backend))
+@pytest.mark.parametrize("spec", case_params(TRAINING))
+def test_training_step(run_case, spec):
+    run_case(spec)
 
 
-@pytest.mark.parametrize("members", MEMBERS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_reference_jr_step(run_case, arch, members):
-    run_case(CaseSpec("reference_jr", arch, members))
-
-
-@pytest.mark.parametrize("members", MEMBERS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_plain_loop_step(run_case, arch, members):
-    run_case(CaseSpec("loop", arch, members))
-
-
-def test_flop_counts():
-    """The FLOP model the table's GFLOP/s rest on (``fastjac.benchmark.step_flops``) matches DESIGN.md:
-    jvp = 2 x a plain step, vjp = 2.33 x for 784-256-256-10, and the shapes counted from the modules."""
-    from fastjac import models
-    from fastjac.benchmark import layer_macs, mlp_forward_flops, step_flops
-
-    macs = layer_macs(models.mlp())
-    assert 2 * 128 * sum(macs) == mlp_forward_flops([784, 256, 256, 10], 128)
-    plain = step_flops("plain", macs, 128)
-    assert step_flops("jr_jvp", macs, 128) == 2 * plain
-    assert abs(step_flops("jr_vjp", macs, 128) / plain - 2.33) < 0.005
-    assert step_flops("uap_common", macs, 128, k=4) * 2 == step_flops("uap", macs, 128, k=4) * 3
-    assert layer_macs(models.lenet()) == [6 * 28 * 28 * 25, 16 * 10 * 10 * 6 * 25, 400 * 120, 120 * 84, 84 * 10]
+def test_flop_counts_match_the_layer_shapes():
+    """The FLOPs one call executes (``count_flops``: the ATen ops it dispatches) equal DESIGN.md's counts
+    from the layer shapes, written out here: for 784-256-256-10 with F = 2*B*sum(in*out) the forward,
+    F_1 and F_L its first and last layer, a plain step is 3F - F_1, a jvp step 6F - 2F_1 (2x plain), a
+    vjp step 6F - F_1 - F_L (2.33x plain), inference F, an SGD-UAP iteration 2F per perturbation (3F
+    for the common implementation, which also forms parameter gradients); LeNet's inference is F from
+    its convolution and Linear shapes. Every count scales with M."""
+    batch, members = 8, 2
+    macs = [784 * 256, 256 * 256, 256 * 10]
+    forward, first, last = 2 * batch * sum(macs), 2 * batch * macs[0], 2 * batch * macs[-1]
+    expected = {("plain", "auto", 1): 3 * forward - first, ("loop", "-", 1): 3 * forward - first,
+                ("jr_jvp", "auto", 1): 6 * forward - 2 * first, ("jr_vjp", "auto", 1): 6 * forward - first - last,
+                ("user_vjp", "auto", 1): 6 * forward - first - last, ("infer_stacked", "auto", 1): forward,
+                ("infer_vmap", "-", 1): forward, ("uap", "auto", 4): 4 * 2 * forward,
+                ("uap_common", "-", 4): 4 * 3 * forward}
+    for (kind, backend, k), per_member in expected.items():
+        counted = count_flops(CaseSpec(kind, "mlp", members, backend, k, batch))
+        assert counted == members * per_member, f"{kind}: counted {counted}, expected {members * per_member}"
+    assert abs((6 * forward - first - last) / (3 * forward - first) - 2.33) < 0.005  # DESIGN.md's 2.33x
+    lenet_macs = [6 * 28 * 28 * 25, 16 * 10 * 10 * 6 * 25, 400 * 120, 120 * 84, 84 * 10]
+    assert count_flops(CaseSpec("infer_stacked", "lenet", members, "auto", 1, batch)) == \
+        members * 2 * batch * sum(lenet_macs)

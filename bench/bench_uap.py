@@ -1,22 +1,10 @@
-"""One SGD-UAP iteration (one batch of B = 128) for K perturbations: fastjac's ``sgd_uap`` on every
-backend against the common implementation (K sequential attacks, parameter gradients formed too)."""
+"""One SGD-UAP iteration (one batch of B = 128) for K perturbations: fastjac's ``sgd_uap`` against the
+common implementation (K sequential attacks, parameter gradients formed too)."""
 import pytest
 
-from fastjac.benchmark import ARCHS, MEMBERS, UAP_KS, CaseSpec, bench_backends
-
-BACKENDS = bench_backends("cpu")  # every available backend but Triton (an interpreter on the CPU)
+from bench.suite import case_params
 
 
-@pytest.mark.parametrize("k", UAP_KS)
-@pytest.mark.parametrize("members", MEMBERS)
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
-def test_uap_fastjac(run_case, arch, members, k, backend):
-    run_case(CaseSpec("uap", arch, members, backend, k=k))
-
-
-@pytest.mark.parametrize("k", UAP_KS)
-@pytest.mark.parametrize("members", MEMBERS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_uap_common(run_case, arch, members, k):
-    run_case(CaseSpec("uap_common", arch, members, k=k))
+@pytest.mark.parametrize("spec", case_params({"uap", "uap_common"}))
+def test_uap(run_case, spec):
+    run_case(spec)

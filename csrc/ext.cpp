@@ -1,6 +1,37 @@
-// fastjac._C: the one module of the C++/CUDA extension. The CPU launchers are bound here; a CUDA build
-// adds its launchers through register_cuda_ops (csrc/cuda_ops.cpp).
+// fastjac._C: the one module of the C++/CUDA extension. The CPU launchers are registered with the
+// dispatcher as the ``fastjac`` operator library (torch.ops.fastjac.*: schemas here, fake kernels in
+// fastjac/ops/native.py), so torch.compile, meta tensors and torch.export see through them; a CUDA build
+// adds its launchers through register_cuda_ops (csrc/cuda_ops.cpp). The pybind functions below are the
+// same launchers for the tests that call them directly.
 #include "fastjac.h"
+
+namespace {
+
+// stacked_addmm_ returns nothing through the dispatcher: an op that mutates ``out`` and also returned it
+// would alias an input, which torch.compile's functionalization does not accept for custom ops.
+void stacked_addmm_op(at::Tensor out, const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias,
+                      bool accumulate) {
+  stacked_addmm_(out, a, b, bias, accumulate);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastjac, m) {
+  m.def("stream_epilogue_forward(Tensor y, Tensor? bias, int rep, bool relu) -> (Tensor, Tensor?)");
+  m.def("stream_epilogue_backward(Tensor grad_out, Tensor? mask, int nb, int rep, bool has_bias) -> (Tensor, Tensor?)");
+  m.def("stacked_linear_forward(Tensor x, Tensor weight, Tensor? bias, int streams, bool relu) -> (Tensor, Tensor?)");
+  m.def("stacked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? mask, int streams, bool has_bias, "
+        "bool needs_x_grad) -> (Tensor?, Tensor, Tensor?)");
+  m.def("stacked_addmm_(Tensor(a!) out, Tensor a, Tensor b, Tensor? bias, bool accumulate) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastjac, CPU, m) {
+  m.impl("stream_epilogue_forward", &stream_epilogue_forward);
+  m.impl("stream_epilogue_backward", &stream_epilogue_backward);
+  m.impl("stacked_linear_forward", &stacked_linear_forward);
+  m.impl("stacked_linear_backward", &stacked_linear_backward);
+  m.impl("stacked_addmm_", &stacked_addmm_op);
+}
 
 namespace py = pybind11;
 

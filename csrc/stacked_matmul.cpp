@@ -2,13 +2,17 @@
 // with (member, row block) tasks spread over the intra-op threads and each product a single-threaded
 // BLAS sgemm/dgemm call on raw pointers.
 //
-// Why: on a 2-core CPU, ATen's bmm runs the members one after another and splits each (small) GEMM
-// over both threads; splitting the work into independent whole products instead measured ~10% faster
-// at 2 threads for the MLP JR step's shapes (M = 5, 128 to 256 rows, 256 to 784 wide), and the same at
-// 1 thread. Rows are split into blocks = threads / gcd(M, threads) per member so every thread gets the
-// same number of tasks (M = 5, 2 threads: 10 tasks of half a member each). Calling BLAS directly (the
-// Fortran sgemm_/dgemm_ that libtorch_cpu exports and ATen itself uses) skips ~6 tensor views and a
-// dispatch per task: ~0.2 ms of a 12 ms MLP JR step.
+// Why (a heuristic, measured on one machine: the project's 2-core AMD EPYC VM, torch 2.13.0+cpu with its
+// MKL, 2026-11-25; bench/RESULTS.md, "Current numbers"): there ATen's bmm runs the members one after
+// another and splits each (small) GEMM over both threads; splitting the work into independent whole
+// products instead measured 6 to 14% faster per product in isolation at 2 threads for the MLP JR step's
+// shapes (M = 5, 128 to 256 rows, 256 to 784 wide), and the same at 1 thread. Nothing here is derived
+// from the machine at run time: on other core counts or another BLAS, re-measure (the products against
+// ATen's: `python bench/ablations.py plain|chain <threads>`, and pytest bench/bench_linear_chain.py)
+// before relying on it. Rows are split into blocks = threads / gcd(M, threads) per member so every
+// thread gets the same number of tasks (M = 5, 2 threads: 10 tasks of half a member each). Calling BLAS
+// directly (the Fortran sgemm_/dgemm_ that libtorch_cpu exports and ATen itself uses) skips ~6 tensor
+// views and a dispatch per task: measured ~0.2 ms of a 12 ms MLP JR step on the same machine.
 //
 // a and b may be any strided views with one unit stride per matrix (transposes, a stride-0 member dim
 // for an input shared by the members); out must have a unit column stride.
@@ -73,7 +77,8 @@ void run(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const c10::o
   const int64_t bias_step = bias.has_value() ? bias->stride(0) : 0, bias_col = bias.has_value() ? bias->stride(1) : 0;
 
   const int64_t threads = at::get_num_threads();
-  const int64_t min_rows = 16;  // below this a block's GEMM is mostly overhead
+  // Heuristic, chosen and not measured: below 16 rows a block's GEMM is assumed to be mostly call overhead.
+  const int64_t min_rows = 16;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(threads / std::gcd(M, threads), P / min_rows));
   const int64_t block_rows = (P + blocks - 1) / blocks;
   at::parallel_for(0, M * blocks, 1, [&](int64_t begin, int64_t end) {

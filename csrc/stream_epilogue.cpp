@@ -234,13 +234,16 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> stream_epilogue_backward(
   const int64_t O = grad_out.size(0), S = grad_out.size(1), I = grad_out.size(2);
   if (mask) fastjac::check_mask(*mask, O, I, op);
   if (has_bias) check_bias_layout(I, nb, rep, op);
-  if (!mask && !has_bias) return {grad_out, c10::nullopt};  // identity, as in the reference (no copy)
+  // Without a mask grad_y equals grad_out. It is returned as a copy: a dispatcher op's output may not alias
+  // its input (torch.compile's functionalization and opcheck rely on the schema); the copy only happens for
+  // layers without a ReLU, whose gradients are small next to the products.
+  if (!mask && !has_bias) return {grad_out.clone(), c10::nullopt};
 
   const fastjac::EpilogueShape shape{O, S, 1, I, has_bias ? nb : 1, has_bias ? rep : 1};
   const auto strides = fastjac::contiguous_strides(shape);
-  // Without a mask grad_y is grad_out itself: only the bias reduction runs.
+  // Without a mask only the bias reduction runs, and grad_y is a copy of grad_out (see above).
   at::Tensor grad_y = mask ? at::empty_like(grad_out) : at::Tensor();
   at::Tensor grad_bias = has_bias ? at::empty({O, nb}, grad_out.options()) : at::Tensor();
   fastjac::epilogue_backward(grad_out, strides, grad_y, strides, mask ? *mask : at::Tensor(), grad_bias, shape);
-  return {mask ? grad_y : grad_out, has_bias ? c10::optional<at::Tensor>(grad_bias) : c10::nullopt};
+  return {mask ? grad_y : grad_out.clone(), has_bias ? c10::optional<at::Tensor>(grad_bias) : c10::nullopt};
 }

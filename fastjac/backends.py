@@ -16,6 +16,8 @@ import importlib
 import logging
 import os
 
+import torch
+
 log = logging.getLogger("fastjac.backends")
 
 NAMES = ("torch", "cpp", "triton", "cuda")
@@ -37,10 +39,9 @@ def triton_interpreted() -> bool:
 
 
 @functools.cache
+@torch.compiler.assume_constant_result  # a constant to torch.compile (it would not trace the import)
 def _why_unavailable(name: str) -> str | None:
     """None if ``name`` can run in this process, else the reason it cannot."""
-    import torch
-
     if name == "torch":
         return None
     if name in ("cpp", "cuda"):

@@ -1,14 +1,29 @@
-"""The one benchmark harness: every timing in ``bench/`` and ``python -m fastjac bench`` goes through here.
+"""``python -m fastjac bench``: the throughput table, every case timed interleaved with the case it is
+compared with, in one run.
 
-Each case is a ``CaseSpec`` that ``build`` turns into a zero-argument closure running exactly one unit of
-work (a training step, an inference pass, one SGD-UAP iteration); ``bench/bench_*.py`` time the same
-closures under pytest-benchmark. ``measure`` (one closure) and ``measure_interleaved`` (a group of
-closures, round-robin) give a warm-up, the median and IQR of many runs, and a memory figure. Ratios are
-always taken between closures timed interleaved in the same run, so load on a shared machine hits both
-sides alike. Achieved FLOP/s are the case's GEMM/convolution FLOPs (counted from the layer shapes, see
-``step_flops``) over its median time, also as a fraction of the machine's practical peak: a square
-float32 matmul (``gemm_closure``) timed interleaved with every group, so the peak is taken under the
-same load as the cases it scales.
+Three parts, and nothing else:
+
+- the case registry ``KINDS``: each kind of case is one ``Kind`` entry with its label, the builder of a
+  zero-argument closure running one unit of work (a training step, an inference pass, one SGD-UAP
+  iteration), its anchor (the case its ratio is taken against) and its FLOP rule;
+- the interleaved timer ``measure_interleaved``: a group of closures timed round-robin in a shuffled
+  order, so load on a shared machine hits both sides of a ratio alike;
+- the table: ``run_table`` (every (arch, M) group) and ``format_markdown``.
+
+What builds on it lives in ``bench/``: the target checks (``python -m bench.targets``), the
+estimator-variance study (``python -m bench.variance``), ablations, and the pytest-benchmark suites
+(``bench/bench_*.py``, the same closures under pytest-benchmark, and one file per fused op).
+
+Architectures: every entry of ``fastjac.models.ARCHITECTURES`` (the engine fuses them), plus ``branchy``,
+defined here: a member whose forward branches on its data, which no engine can trace, so its rows
+measure the generic path against the reference.
+
+FLOPs: the GEMM/convolution FLOPs one call executes, counted with ``torch.utils.flop_counter``'s formulas
+over the ATen ops it dispatches (mm, addmm, bmm, baddbmm and convolution, backward included). The C++
+extension's BLAS calls and Triton kernels are invisible to the dispatcher, so every fastjac case is
+counted on the ``torch`` backend, which runs the same products; a compiled case is counted on its eager
+twin. Achieved FLOP/s are these FLOPs over the case's median time, also as a fraction of the machine's
+practical peak: a square float32 matmul timed interleaved with every group, under the same load.
 
 Memory: on CUDA the growth of ``torch.cuda.max_memory_allocated`` over one call. On the CPU PyTorch
 exposes no allocator peak, so the figure is the *saved-activation bytes*: the bytes autograd saves for
@@ -20,8 +35,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
-import math
 import os
 import platform
 import random
@@ -29,15 +44,18 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from fastjac import backends, models, reference
 from fastjac.ensemble import Ensemble
-from fastjac.jacobian import penalty_and_logits
+from fastjac.jacobian import JacobianReg, jacobian_penalty, penalty_and_logits
 from fastjac.train import make_optimizer
 from fastjac.uap import sgd_uap
 
@@ -45,12 +63,14 @@ BATCH = 128
 JR_LAMBDA = 0.1
 UAP_EPS = (0.1, 0.05, 0.15, 0.2)  # perturbation k uses UAP_EPS[k]; K <= 4
 UAP_BETA, UAP_STEP_DECAY = 12.0, 0.8
-ARCHS = ("mlp", "lenet")
 MEMBERS = (1, 5)
 UAP_KS = (1, 4)
 # Every training-step case, stacked, loop and reference alike, uses fastjac.train's optimizer (fused
 # Adam), so the ratios measure the engine, not the optimizer.
 ADAM_OPTIONS = dict(lr=1e-3)
+CLOCKS = ("wall", "cpu")
+NOISY_IQR = 0.5
+GEMM_SIZE = 1024
 
 
 # ============================================================================================ timing
@@ -59,8 +79,8 @@ class Timing:
     median_s: float
     iqr_s: float                      # interquartile range of the per-call times
     peak_mem_bytes: int | None        # see the module docstring (CUDA peak growth / CPU saved-activation bytes)
-    runs: int = 0
-    cpu_median_s: float = math.nan    # median process CPU time per call (all threads; excludes time preempted)
+    runs: int
+    cpu_median_s: float               # median process CPU time per call (all threads; excludes time preempted)
 
     def seconds(self, clock: str = "wall") -> float:
         """The median of ``clock``: "wall", or "cpu" (process CPU time)."""
@@ -94,11 +114,15 @@ def memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
 
     def pack(tensor):
         nonlocal total
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key not in seen and storage.nbytes() > 0:
+        try:
+            storage = tensor.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+        except RuntimeError:  # a torch.func wrapper (inside vmap/jvp) has no storage of its own: its own bytes
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+        if key not in seen and nbytes > 0:
             seen.add(key)
-            total += storage.nbytes()
+            total += nbytes
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -113,6 +137,7 @@ def measure_interleaved(fns: dict, *, warmup: int = 3, repeats: int = 20, min_ti
     Each closure runs ``warmup`` untimed calls, then rounds of one timed call each until ``repeats``
     rounds are done and ``min_time`` seconds have passed; after ``max_time`` seconds it stops once every
     closure has at least 5 timed calls. Interleaving makes ratios within the group robust to load drift.
+    ``memory``: True, False, or a set of the keys whose memory figure to take (one more call each).
     """
     keys = list(fns)
     for key in keys:
@@ -141,20 +166,10 @@ def measure_interleaved(fns: dict, *, warmup: int = 3, repeats: int = 20, min_ti
     result = {}
     for key in keys:
         median, iqr = _quartiles(times[key])
-        result[key] = Timing(median, iqr, memory_bytes(fns[key], device) if memory else None, len(times[key]),
+        measured = memory is True or (memory is not False and key in memory)
+        result[key] = Timing(median, iqr, memory_bytes(fns[key], device) if measured else None, len(times[key]),
                              statistics.median(cpu_times[key]))
     return result
-
-
-def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20, min_time: float = 0.05,
-            max_time: float = float("inf"), device: str = "cpu", memory: bool = True) -> Timing:
-    """Median and IQR of ``fn()`` over at least ``repeats`` timed calls and ``min_time`` seconds, after
-    ``warmup`` untimed calls; ``peak_mem_bytes`` as described in the module docstring."""
-    return measure_interleaved({0: fn}, warmup=warmup, repeats=repeats, min_time=min_time, max_time=max_time,
-                               device=device, memory=memory)[0]
-
-
-GEMM_SIZE = 1024
 
 
 def gemm_closure(n: int = GEMM_SIZE, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -164,90 +179,101 @@ def gemm_closure(n: int = GEMM_SIZE, dtype: torch.dtype = torch.float32, device:
     return (lambda: torch.mm(a, b)), 2 * n ** 3
 
 
-def gemm_peak_gflops(dtype: torch.dtype = torch.float32, *, n: int = GEMM_SIZE, repeats: int = 10,
-                     device: str = "cpu", clock: str = "wall") -> float:
-    """GFLOP/s of an n x n x n matmul with torch's current thread count, median of ``repeats``
-    (``clock``: "wall", or "cpu" for process CPU time)."""
-    fn, work = gemm_closure(n, dtype, device)
-    timing = measure(fn, warmup=2, repeats=repeats, min_time=0.0, device=device, memory=False)
-    return work / timing.seconds(clock) / 1e9
-
-
 # ============================================================================================= FLOPs
-def mlp_forward_flops(widths: Sequence[int], batch: int) -> int:
-    """Forward GEMM FLOPs of one MLP member with layer widths D -> H1 -> ... -> C: 2*B*sum(in*out)."""
-    return 2 * batch * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+_aten = torch.ops.aten
+_IN_PLACE = {_aten.addmm_: _aten.addmm, _aten.baddbmm_: _aten.baddbmm}  # counted like their out-of-place forms
 
 
-def layer_macs(member: nn.Module, input_shape: Sequence[int] = models.INPUT_SHAPE) -> list[int]:
-    """Multiply-adds per sample of every Linear / Conv2d of ``member``, in forward order.
+class FlopCount(TorchDispatchMode):
+    """GEMM/convolution FLOPs of the ATen ops dispatched inside (``torch.utils.flop_counter``'s formulas).
 
-    Linear: in*out. Conv2d: Cout*Hout*Wout*(Cin/groups)*kh*kw (output shapes from one dummy forward).
-    Pooling, ReLU, bias and the loss are not counted (they are not products).
+    ``FlopCounterMode`` itself is not used: its module tracker breaks ``torch.autograd.grad(...,
+    create_graph=True)``, the reference step's double backward.
     """
-    macs: list[int] = []
 
-    def hook(module, inputs, output):
-        if isinstance(module, nn.Linear):
-            macs.append(module.in_features * module.out_features)
-        else:
-            kh, kw = module.kernel_size
-            macs.append(output[0].numel() * module.in_channels // module.groups * kh * kw)
+    def __init__(self):
+        super().__init__()
+        self.total = 0
 
-    handles = [m.register_forward_hook(hook) for m in member.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(_IN_PLACE.get(func._overloadpacket, func._overloadpacket))
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+@contextmanager
+def _automatic_backend(name: str):
+    """Within: the automatic choice is ``name`` (cases that name no backend, as a user's code does, run it)."""
+    backends.use(name)
     try:
-        with torch.no_grad():
-            member(torch.zeros(1, *input_shape))
+        yield
     finally:
-        for handle in handles:
-            handle.remove()
-    return macs
+        backends.use(None)
 
 
-def step_flops(kind: str, macs: Sequence[int], batch: int, members: int = 1, k: int = 1) -> int:
-    """GEMM/convolution FLOPs of one call of case ``kind`` (nproj = 1), from per-layer ``macs``.
+def count_flops(spec: CaseSpec, device: str = "cpu") -> int:
+    """GEMM/convolution FLOPs of one call of ``spec``: its closure (a compiled case: its eager twin's) on
+    the torch backend, counted on its second call (the first may set things up, e.g. UAP pass sizes)."""
+    kind = KINDS[spec.kind]
+    spec = dataclasses.replace(spec, kind=kind.eager_twin or spec.kind, backend="auto" if spec.backend != "-" else "-")
+    with _automatic_backend("torch"):
+        fn = build(spec, device)
+        fn()
+        with FlopCount() as counter:
+            fn()
+    return counter.total
 
-    With F = 2*B*sum(macs) the forward FLOPs of one member, F_1 its first layer's and F_L its last's
-    (every backward product of a layer costs that layer's forward FLOPs):
-      infer_*                      F                 (forward only)
-      plain, loop                  3F - F_1          (forward, weight grads, input grads of layers 2..L)
-      jr_jvp                       6F - 2F_1 = 2 x plain  (primal + tangent rows through forward and
-                                   backward; nothing flows into the first layer's input)
-      jr_vjp, reference_jr         6F - F_1 - F_L    (forward F; cotangent chain v -> v^T J across all L
-                                   layers F; its backward: weight grads F and cotangent grads F - F_L (v is
-                                   constant); the CE's backward 2F - F_1) = 2.33 x plain for 784-256-256-10
-      uap                          2F per perturbation (forward + input grads of every layer)
-      uap_common                   3F per perturbation (also every parameter gradient)
-    All times ``members`` (and ``k`` for the UAP cases).
-    """
-    forward = 2 * batch * sum(macs)
-    first, last = 2 * batch * macs[0], 2 * batch * macs[-1]
-    per_member = {
-        "plain": 3 * forward - first, "loop": 3 * forward - first,
-        "jr_jvp": 6 * forward - 2 * first,
-        "jr_vjp": 6 * forward - first - last, "reference_jr": 6 * forward - first - last,
-        "infer_stacked": forward, "infer_loop": forward, "infer_vmap": forward,
-        "uap": 2 * forward * k, "uap_common": 3 * forward * k,
-    }[kind]
-    return members * per_member
+
+# ===================================================================================== architectures
+class Branchy(nn.Module):
+    """A LeNet-sized member whose forward branches on its data (a residual block taken when the
+    features' mean is positive): torch.fx cannot trace it and vmap cannot batch it, so no engine fuses
+    it. With ReLU features the branch is always taken; the point is the data-dependent ``if``."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))  # [B, 6, 14, 14]
+        self.block = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 14 * 14, 84), nn.ReLU(), nn.Linear(84, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        if h.mean() > 0:
+            h = h + self.block(h)
+        return self.head(h)
+
+
+UNFUSED_ARCHS = {"branchy": Branchy}
+
+
+def arch_names() -> list[str]:
+    """Every architecture the table can run: the engine's (``fastjac.models.ARCHITECTURES``), then the
+    benchmark's own unfused ones."""
+    return [*models.ARCHITECTURES, *UNFUSED_ARCHS]
+
+
+def make_members(arch: str, members: int, *, seed: int = 0, device: str = "cpu") -> list[nn.Module]:
+    torch.manual_seed(seed)
+    builder = UNFUSED_ARCHS.get(arch) or (lambda: models.build(arch))
+    return [builder().to(device) for _ in range(members)]
+
+
+def make_batch(batch: int = BATCH, *, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs x [B, 1, 28, 28] in [0, 1) and labels y [B] in [0, 10)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, *models.INPUT_SHAPE, generator=generator)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    return x.to(device), y.to(device)
 
 
 # ============================================================================================= cases
-KINDS = ("plain", "jr_vjp", "jr_jvp", "reference_jr", "loop", "infer_stacked", "infer_loop", "infer_vmap",
-         "uap", "uap_common")
-LABELS = {
-    "plain": "plain step, stacked", "jr_vjp": "JR step vjp, stacked", "jr_jvp": "JR step jvp, stacked",
-    "reference_jr": "JR step, reference loop (double backprop)", "loop": "plain step, loop of members",
-    "infer_stacked": "inference, stacked", "infer_loop": "inference, loop of members",
-    "infer_vmap": "inference, torch.func vmap", "uap": "SGD-UAP iteration, fastjac",
-    "uap_common": "SGD-UAP iteration, common impl.",
-}
-
-
 @dataclass(frozen=True)
 class CaseSpec:
     """One benchmark case. ``backend``: a backend name, "auto" (the automatic choice) or "-" (the case
-    runs plain PyTorch modules and uses no fastjac backend). ``k``: perturbations (UAP cases only)."""
+    runs plain PyTorch and uses no fastjac backend). ``k``: perturbations (UAP cases only)."""
     kind: str
     arch: str
     members: int
@@ -261,56 +287,207 @@ class CaseSpec:
 
     @property
     def label(self) -> str:
-        return LABELS[self.kind] + (f", K={self.k}" if self.kind in ("uap", "uap_common") else "")
+        return KINDS[self.kind].label + (f", K={self.k}" if KINDS[self.kind].per_k else "")
 
 
-def make_members(arch: str, members: int, *, seed: int = 0, device: str = "cpu") -> list[nn.Sequential]:
-    torch.manual_seed(seed)
-    return [models.build(arch).to(device) for _ in range(members)]
+@dataclass
+class Setup:
+    """What a case starts from: fresh members (seed 0), a fixed random batch x [B, 1, 28, 28] and labels
+    y [B], the backend its calls name (None: the automatic choice) and K (UAP cases)."""
+    members: list[nn.Module]
+    x: torch.Tensor
+    y: torch.Tensor
+    backend: str | None
+    k: int
 
 
-def make_batch(batch: int = BATCH, *, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Random inputs x [B, 1, 28, 28] in [0, 1) and labels y [B] in [0, 10)."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, *models.INPUT_SHAPE, generator=generator)
-    y = torch.randint(0, 10, (batch,), generator=generator)
-    return x.to(device), y.to(device)
-
-
-def _backend_arg(spec: CaseSpec) -> str | None:
-    return None if spec.backend in ("auto", "-") else spec.backend
-
-
+# ---------------------------------------------------------------------------------- training steps
+# A training kind is a loss builder: Setup -> (zero-argument loss function, the parameters to step);
+# ``_step`` adds the optimizer around it, eager or under torch.compile.
 def _stacked_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """sum over members of each member's mean CE (as ``fastjac.train`` forms it); logits [M, B, C]."""
     labels = y.unsqueeze(0).expand(logits.shape[0], -1)
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / y.shape[0]
 
 
-def _adam_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+def _member_params(members: Sequence[nn.Module]) -> list[torch.Tensor]:
+    return [p for member in members for p in member.parameters()]
 
 
+def _plain_loss(s: Setup):
+    ensemble = Ensemble(s.members).train()
+    return (lambda: _stacked_ce(ensemble.member_logits(s.x, backend=s.backend), s.y)), ensemble.parameters()
+
+
+def _one_pass_loss(mode: str):
+    """fastjac's internal one-pass JR step, as ``fastjac.train`` calls it (on an unfused architecture
+    this is the generic path)."""
+    def loss(s: Setup):
+        ensemble = Ensemble(s.members).train()
+
+        def fn():
+            logits, penalty = penalty_and_logits(ensemble, s.x, nproj=1, mode=mode, backend=s.backend,
+                                                 check_values=False)
+            return _stacked_ce(logits, s.y) + JR_LAMBDA / 2 * penalty.sum()
+        return fn, ensemble.parameters()
+    return loss
+
+
+def _user_loss(mode: str, target: str = "members"):
+    """A JR step in a loop of the user's own: the public one-pass call, the user's CE (issue 10's)."""
+    def loss(s: Setup):
+        ensemble = Ensemble(s.members).train()
+        members = len(s.members)
+
+        def fn():
+            penalty, logits = jacobian_penalty(ensemble, s.x, nproj=1, mode=mode, target=target, return_logits=True)
+            if target == "ensemble":
+                return F.cross_entropy(logits.mean(0), s.y) + JR_LAMBDA / 2 * penalty
+            return F.cross_entropy(logits.flatten(0, 1), s.y.repeat(members)) + JR_LAMBDA / 2 * penalty.sum()
+        return fn, ensemble.parameters()
+    return loss
+
+
+def _hoffman_loss(s: Setup):
+    """Hoffman et al.'s code unchanged on a fastjac Ensemble: JacobianReg on the mean logits."""
+    ensemble = Ensemble(s.members).train()
+    regularizer = JacobianReg(n=1)
+
+    def fn():
+        x = s.x.detach().requires_grad_(True)  # the user's x.requires_grad_(True) on each new batch
+        out = ensemble(x)  # mean logits [B, C]
+        return F.cross_entropy(out, s.y) + JR_LAMBDA * regularizer(x, out)  # JacobianReg = 1/2 * estimate
+    return fn, ensemble.parameters()
+
+
+def _reference_loss(s: Setup):
+    """Hoffman et al.'s structure: one forward per member, CE + double-backprop penalty."""
+    def fn():
+        loss = 0.0
+        for member in s.members:
+            inputs = s.x.detach().requires_grad_(True)
+            logits = member(inputs)
+            v = reference.sphere_projections(1, inputs.shape[0], logits.shape[-1], device=inputs.device)
+            loss = loss + F.cross_entropy(logits, s.y) + JR_LAMBDA / 2 * reference.penalty_vjp_outputs(inputs, logits, v)
+        return loss
+    return fn, _member_params(s.members)
+
+
+def _peer_jvp_loss(s: Setup):
+    """The peer a torch.func user writes: stacked members (stack_module_state), functional_call under
+    vmap, the penalty's tangents and the logits from one jvp. BatchNorm runs without running
+    statistics (``replace_all_batch_norm_modules_``: torch.func cannot update buffers in place)."""
+    params, buffers = torch.func.stack_module_state(s.members)
+    template = torch.func.replace_all_batch_norm_modules_(copy.deepcopy(s.members[0]).to("meta"))
+    kept = dict(template.named_buffers())
+    buffers = {name: tensor for name, tensor in buffers.items() if name in kept}
+
+    def call(member_params, member_buffers, inputs):
+        return torch.func.functional_call(template, (member_params, member_buffers), (inputs,))
+
+    def member_logits(inputs):
+        return torch.func.vmap(call, in_dims=(0, 0, None))(params, buffers, inputs)  # [M, B, C]
+
+    def fn():
+        u = torch.randn_like(s.x)
+        logits, tangents = torch.func.jvp(member_logits, (s.x,), (u,))
+        return _stacked_ce(logits, s.y) + JR_LAMBDA / 2 * tangents.pow(2).sum() / s.x.shape[0]
+    return fn, list(params.values())
+
+
+def _loop_loss(s: Setup):
+    return (lambda: sum(F.cross_entropy(member(s.x), s.y) for member in s.members)), _member_params(s.members)
+
+
+def _compile(loss_fn):
+    """torch.compile(loss_fn) and a note: the graphs and graph breaks Dynamo made of it (counted over the
+    caller's first call, which compiles)."""
+    from torch._dynamo.utils import counters
+
+    compiled = torch.compile(loss_fn)
+
+    def note(before):
+        graphs = counters["stats"]["unique_graphs"] - before[0]
+        breaks = sum(counters["graph_break"].values()) - before[1]
+        if graphs == 0:
+            raise RuntimeError("torch.compile made no graph (Dynamo's recompile limit? torch._dynamo.reset() "
+                               "before building)")
+        return f"{graphs} graph{'s' * (graphs != 1)}, {breaks} graph break{'s' * (breaks != 1)}"
+
+    return compiled, note, (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
+
+
+def _step(loss_builder, compiled: bool = False):
+    """Builder of a training step: loss, backward, Adam step; under torch.compile the loss function
+    (forward and its backward) is compiled here, by a first call outside any timed region."""
+    def build_step(s: Setup):
+        loss_fn, params = loss_builder(s)
+        optimizer = make_optimizer(params, **ADAM_OPTIONS)
+        if compiled:
+            loss_fn, note, before = _compile(loss_fn)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        if compiled:
+            step()
+            step.note = note(before)
+        return step
+    return build_step
+
+
+# -------------------------------------------------------------------------------- inference, SGD-UAP
 def _ensemble_loop(members: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
     if len(members) == 1:
         return members[0]
     return lambda x: torch.stack([member(x) for member in members]).mean(0)
 
 
-def _common_uap(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, k: int):
+def _infer_stacked(s: Setup):
+    ensemble = Ensemble(s.members).eval()
+    return torch.no_grad()(lambda: ensemble.member_logits(s.x, backend=s.backend).mean(0))
+
+
+def _infer_loop(s: Setup):
+    model = _ensemble_loop([member.eval() for member in s.members])
+    return torch.no_grad()(lambda: model(s.x))
+
+
+def _infer_vmap(s: Setup):
+    params, buffers = torch.func.stack_module_state([member.eval() for member in s.members])
+    template = copy.deepcopy(s.members[0]).to("meta")
+
+    def call(p, b, inputs):
+        return torch.func.functional_call(template, (p, b), (inputs,))
+
+    batched = torch.func.vmap(call, in_dims=(0, 0, None))
+    return torch.no_grad()(lambda: batched(params, buffers, s.x).mean(0))
+
+
+def _uap(s: Setup):
+    """One fastjac sgd_uap call on one batch = one iteration for all K perturbations (model in eval mode)."""
+    model = s.members[0].eval() if len(s.members) == 1 else Ensemble(s.members).eval()
+    batches, eps = [(s.x, s.y)], list(UAP_EPS[:s.k])
+    return lambda: sgd_uap(model, batches, eps=eps, epochs=1, beta=UAP_BETA, step_decay=UAP_STEP_DECAY,
+                           backend=s.backend).delta
+
+
+def _uap_common(s: Setup):
     """The structure of common SGD-UAP code: for each of the K perturbations in turn, a leaf delta
     [1, *input] repeated over the batch, the model's parameters left requiring grad (so ``backward`` also
     forms every parameter gradient), then the sign step and projection. An ensemble is a loop over its
-    member modules, output = mean logits."""
-    model = _ensemble_loop(members)
-    params = [p for member in members for p in member.parameters()]
-    deltas = [torch.zeros(1, *x.shape[1:], device=x.device, requires_grad=True) for _ in range(k)]
+    member modules (eval mode), output = mean logits."""
+    model = _ensemble_loop([member.eval() for member in s.members])
+    params = _member_params(s.members)
+    x, y = s.x, s.y
+    deltas = [torch.zeros(1, *x.shape[1:], device=x.device, requires_grad=True) for _ in range(s.k)]
 
     def step():
-        for delta, eps in zip(deltas, UAP_EPS[:k]):
+        for delta, eps in zip(deltas, UAP_EPS[:s.k]):
             perturbed = torch.clamp(x + delta.repeat(x.shape[0], *([1] * (x.dim() - 1))), 0.0, 1.0)
             loss = F.cross_entropy(model(perturbed), y, reduction="none").clamp(max=UAP_BETA).mean()
             for p in params:
@@ -325,189 +502,227 @@ def _common_uap(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, 
     return step
 
 
+# ------------------------------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class Kind:
+    """One kind of case: the single place its label, builder, anchor and FLOP rule are decided.
+
+    ``build(setup)`` -> the closure. ``rows``: the backends a group runs it on: "auto" (the
+    automatic choice), "auto+named" (that, and every benchmarked backend by name), "named", or "-"
+    (plain PyTorch). ``anchor``: (kind, backend rule) of the case the ratio is taken against; rule
+    "auto", "auto-name" (the backend the automatic choice resolves to, by name), "same" (this row's
+    backend) or "-". ``archs``: "fused" (the engine's architectures), "unfused" (``UNFUSED_ARCHS``) or
+    "any". ``per_k``: K perturbations per call (UAP), one row per K in ``UAP_KS``. ``eager_twin``: the
+    case runs that kind's step under torch.compile; its FLOPs are counted on the twin, and it has no
+    memory figure (saved-tensor hooks would make Dynamo recompile).
+    """
+    label: str
+    build: Callable[[Setup], Callable[[], torch.Tensor]]
+    short: str
+    rows: str
+    anchor: tuple[str, str] | None = None
+    archs: str = "fused"
+    per_k: bool = False
+    eager_twin: str | None = None
+
+
+KINDS: dict[str, Kind] = {
+    "plain": Kind("plain step, stacked", _step(_plain_loss), "plain", "auto+named", ("plain", "auto"),
+                  archs="any"),
+    "jr_vjp": Kind("JR step vjp, stacked", _step(_one_pass_loss("vjp")), "vjp", "named",
+                   ("plain", "same")),
+    "jr_jvp": Kind("JR step jvp, stacked", _step(_one_pass_loss("jvp")), "jvp", "named",
+                   ("plain", "same")),
+    "user_vjp": Kind("JR step vjp, user loop (jacobian_penalty return_logits)", _step(_user_loss("vjp")),
+                     "user vjp", "auto", ("jr_vjp", "auto-name")),
+    "user_jvp": Kind("JR step jvp, user loop (jacobian_penalty return_logits)", _step(_user_loss("jvp")),
+                     "user jvp", "auto", ("jr_jvp", "auto-name")),
+    "user_vjp_compiled": Kind("JR step vjp, user loop under torch.compile",
+                              _step(_user_loss("vjp"), compiled=True), "user vjp compiled", "auto",
+                              ("user_vjp", "auto"), eager_twin="user_vjp"),
+    "user_jvp_compiled": Kind("JR step jvp, user loop under torch.compile",
+                              _step(_user_loss("jvp"), compiled=True), "user jvp compiled", "auto",
+                              ("user_jvp", "auto"), eager_twin="user_jvp"),
+    "user_ensemble": Kind("JR step vjp target ensemble, user loop", _step(_user_loss("vjp", "ensemble")),
+                          "user ensemble", "auto", ("user_vjp", "auto")),
+    "hoffman": Kind("JR step, Hoffman-style (JacobianReg on ens(x))", _step(_hoffman_loss), "hoffman",
+                    "auto", ("user_ensemble", "auto")),
+    "reference_jr": Kind("JR step, reference loop (double backprop)", _step(_reference_loss),
+                         "reference", "-", ("jr_vjp", "auto-name"), archs="any"),
+    "peer_jvp": Kind("JR step jvp, torch.func vmap + jvp (peer)", _step(_peer_jvp_loss), "peer jvp", "-",
+                     ("jr_jvp", "auto-name")),
+    "peer_jvp_compiled": Kind("JR step jvp, torch.func vmap + jvp under torch.compile (peer: the reference's "
+                              "double backward does not compile)", _step(_peer_jvp_loss, compiled=True),
+                              "peer jvp compiled", "-", ("jr_jvp", "auto-name"), eager_twin="peer_jvp"),
+    "generic_vjp": Kind("JR step vjp, generic path", _step(_one_pass_loss("vjp")), "generic vjp", "auto",
+                        ("reference_jr", "-"), archs="unfused"),
+    "generic_jvp": Kind("JR step jvp, generic path", _step(_one_pass_loss("jvp")), "generic jvp", "auto",
+                        ("reference_jr", "-"), archs="unfused"),
+    "loop": Kind("plain step, loop of members", _step(_loop_loss), "loop", "-", ("plain", "auto"),
+                 archs="any"),
+    "infer_stacked": Kind("inference, stacked", _infer_stacked, "stacked", "auto+named",
+                          ("infer_stacked", "auto")),
+    "infer_loop": Kind("inference, loop of members", _infer_loop, "infer_loop", "-",
+                       ("infer_stacked", "auto")),
+    "infer_vmap": Kind("inference, torch.func vmap", _infer_vmap, "infer_vmap", "-",
+                       ("infer_stacked", "auto")),
+    "uap": Kind("SGD-UAP iteration, fastjac", _uap, "uap", "auto", ("uap_common", "-"), per_k=True),
+    "uap_common": Kind("SGD-UAP iteration, common impl.", _uap_common, "common", "-", per_k=True),
+}
+
+
 def build(spec: CaseSpec, device: str = "cpu") -> Callable[[], torch.Tensor]:
     """A closure running one call of ``spec`` on fresh members (seed 0) and a fixed random batch.
 
     It returns the call's result, for a sanity check: the loss (training steps, a scalar), the ensemble
-    output [B, C] (inference) or the perturbations [K, *input] after the iteration (UAP).
+    output [B, C] (inference) or the perturbations [K, *input] after the iteration (UAP). A compiled case
+    is compiled here; its closure carries ``note`` (Dynamo's graphs and graph breaks).
     """
     if spec.kind not in KINDS:
         raise ValueError(f"unknown case kind {spec.kind!r}; known: {', '.join(KINDS)}")
-    if spec.kind in ("uap", "uap_common") and not 1 <= spec.k <= len(UAP_EPS):
+    kind = KINDS[spec.kind]
+    if kind.per_k and not 1 <= spec.k <= len(UAP_EPS):
         raise ValueError(f"k must be in 1..{len(UAP_EPS)}, got {spec.k}")
-    members = make_members(spec.arch, spec.members, device=device)
     x, y = make_batch(spec.batch, device=device)
-    backend = _backend_arg(spec)
-    kind = spec.kind
-
-    if kind in ("plain", "jr_vjp", "jr_jvp"):
-        ensemble = Ensemble(members).train()
-        optimizer = make_optimizer(ensemble.parameters(), **ADAM_OPTIONS)
-        if kind == "plain":
-            def step():
-                return _adam_step(optimizer, _stacked_ce(ensemble.member_logits(x, backend=backend), y))
-        else:
-            mode = kind[3:]
-
-            def step():
-                logits, penalty = penalty_and_logits(ensemble, x, nproj=1, mode=mode, backend=backend,
-                                                     check_values=False)  # as fastjac.train calls it
-                return _adam_step(optimizer, _stacked_ce(logits, y) + JR_LAMBDA / 2 * penalty.sum())
-        return step
-
-    if kind in ("reference_jr", "loop"):
-        optimizer = make_optimizer([p for member in members for p in member.parameters()], **ADAM_OPTIONS)
-        if kind == "loop":
-            def step():
-                return _adam_step(optimizer, sum(F.cross_entropy(member(x), y) for member in members))
-        else:
-            def step():  # Hoffman et al.'s structure: one forward per member, CE + double-backprop penalty
-                loss = 0.0
-                for member in members:
-                    inputs = x.detach().requires_grad_(True)
-                    logits = member(inputs)
-                    v = reference.sphere_projections(1, x.shape[0], logits.shape[-1], device=x.device)
-                    penalty = reference.penalty_vjp_outputs(inputs, logits, v)
-                    loss = loss + F.cross_entropy(logits, y) + JR_LAMBDA / 2 * penalty
-                return _adam_step(optimizer, loss)
-        return step
-
-    if kind == "infer_stacked":
-        ensemble = Ensemble(members).eval()
-        return torch.no_grad()(lambda: ensemble.member_logits(x, backend=backend).mean(0))
-    if kind == "infer_loop":
-        model = _ensemble_loop([member.eval() for member in members])
-        return torch.no_grad()(lambda: model(x))
-    if kind == "infer_vmap":
-        params, buffers = torch.func.stack_module_state([member.eval() for member in members])
-        template = copy.deepcopy(members[0]).to("meta")
-
-        def call(p, b, inputs):
-            return torch.func.functional_call(template, (p, b), (inputs,))
-
-        batched = torch.func.vmap(call, in_dims=(0, 0, None))
-        return torch.no_grad()(lambda: batched(params, buffers, x).mean(0))
-
-    if kind == "uap":  # one fastjac sgd_uap call on one batch = one iteration for all K perturbations
-        model = members[0] if spec.members == 1 else Ensemble(members)
-        batches, eps = [(x, y)], list(UAP_EPS[:spec.k])
-        return lambda: sgd_uap(model, batches, eps=eps, epochs=1, beta=UAP_BETA, step_decay=UAP_STEP_DECAY,
-                               backend=backend).delta
-    return _common_uap(members, x, y, spec.k)
-
-
-def flops(spec: CaseSpec) -> int:
-    """GEMM/convolution FLOPs of one call of ``spec`` (``step_flops``)."""
-    macs = layer_macs(models.build(spec.arch))
-    return step_flops(spec.kind, macs, spec.batch, spec.members, spec.k)
-
-
-def anchor(spec: CaseSpec, auto: str) -> CaseSpec | None:
-    """The case ``spec`` is compared with (ratio = spec's median / anchor's median); ``auto`` is the name
-    the automatic backend resolved to (the JR and inference anchors use it)."""
-    same = dict(arch=spec.arch, members=spec.members)
-    if spec.kind == "plain":
-        return None if spec.backend == "auto" else CaseSpec("plain", backend="auto", **same)
-    if spec.kind in ("jr_vjp", "jr_jvp"):
-        return CaseSpec("plain", backend="auto" if spec.backend == auto else spec.backend, **same)
-    if spec.kind == "reference_jr":
-        return CaseSpec("jr_vjp", backend=auto, **same)
-    if spec.kind == "loop":
-        return CaseSpec("plain", backend="auto", **same)
-    if spec.kind == "infer_stacked":
-        return None if spec.backend == "auto" else CaseSpec("infer_stacked", backend="auto", **same)
-    if spec.kind in ("infer_loop", "infer_vmap"):
-        return CaseSpec("infer_stacked", backend="auto", **same)
-    if spec.kind == "uap":
-        return CaseSpec("uap_common", k=spec.k, **same)
-    return None
+    setup = Setup(make_members(spec.arch, spec.members, device=device), x, y,
+                  None if spec.backend in ("auto", "-") else spec.backend, spec.k)
+    return kind.build(setup)
 
 
 def cases(arch: str, members: int, backend_names: Sequence[str]) -> list[CaseSpec]:
-    """Every case of one (arch, M) group; ``backend_names`` are the explicit backends to run."""
-    same = dict(arch=arch, members=members)
-    specs = [CaseSpec("plain", backend="auto", **same)]
-    specs += [CaseSpec("plain", backend=name, **same) for name in backend_names]
-    specs += [CaseSpec(kind, backend=name, **same) for kind in ("jr_vjp", "jr_jvp") for name in backend_names]
-    specs += [CaseSpec("reference_jr", **same), CaseSpec("loop", **same)]
-    specs += [CaseSpec("infer_stacked", backend="auto", **same)]
-    specs += [CaseSpec("infer_stacked", backend=name, **same) for name in backend_names]
-    specs += [CaseSpec("infer_loop", **same), CaseSpec("infer_vmap", **same)]
-    specs += [CaseSpec(kind, k=k, backend="auto" if kind == "uap" else "-", **same)
-              for k in UAP_KS for kind in ("uap", "uap_common")]
+    """Every case of one (arch, M) group, in ``KINDS`` order; ``backend_names``: the backends to run by
+    name (none on an unfused architecture: the generic path runs no backend's kernels)."""
+    unfused = arch in UNFUSED_ARCHS
+    named = [] if unfused else list(backend_names)
+    specs = []
+    for name, kind in KINDS.items():
+        if kind.archs != "any" and (kind.archs == "unfused") != unfused:
+            continue
+        names = {"auto": ["auto"], "auto+named": ["auto", *named], "named": named, "-": ["-"]}[kind.rows]
+        specs += [CaseSpec(name, arch, members, backend, k) for backend in names for k in (UAP_KS if kind.per_k else (1,))]
     return specs
 
 
+def anchor(spec: CaseSpec, auto: str) -> CaseSpec | None:
+    """The case ``spec`` is compared with (ratio = spec's time / the anchor's), or None; ``auto``: the
+    backend the automatic choice resolves to."""
+    if KINDS[spec.kind].anchor is None:
+        return None
+    other, rule = KINDS[spec.kind].anchor
+    backend = {"auto": "auto", "auto-name": auto, "-": "-"}.get(rule)
+    if backend is None:  # "same": this row's backend (the automatic row when it resolves to it)
+        backend = "auto" if spec.backend == auto else spec.backend
+    target = dataclasses.replace(spec, kind=other, backend=backend, k=spec.k if KINDS[other].per_k else 1)
+    return None if target == spec else target
+
+
+def not_benchmarked(name: str, device: str = "cpu") -> str | None:
+    """Why backend ``name`` has no rows on ``device`` (None: it has): unavailable here, Triton on the CPU
+    interpreter (a correctness tool, not a benchmark), or a backend of the other device."""
+    reason = backends._why_unavailable(name)
+    if reason is not None:
+        return reason
+    on_cuda = str(device).startswith("cuda")
+    if name == "triton" and not on_cuda:
+        return "Triton runs in its CPU interpreter here (tests only)"
+    if name == "cpp" and on_cuda:
+        return "'cpp' is a CPU backend"
+    if name == "cuda" and not on_cuda:
+        return "'cuda' is a CUDA backend"
+    return None
+
+
 def bench_backends(device: str = "cpu") -> list[str]:
-    """Available backends to benchmark on ``device``: all but Triton on the CPU (an interpreter there),
-    and 'cuda' only on a CUDA device ('cpp' is a CPU backend)."""
-    names = [name for name in backends.available() if name != "triton" or str(device).startswith("cuda")]
-    if str(device).startswith("cuda"):
-        return [name for name in names if name != "cpp"]
-    return [name for name in names if name != "cuda"]
+    """The backends benchmarked by name on ``device`` (``not_benchmarked`` says why the others are not)."""
+    return [name for name in backends.NAMES if not_benchmarked(name, device) is None]
 
 
 # ============================================================================================= table
-CLOCKS = ("wall", "cpu")
-NOISY_IQR = 0.5
+def _short(spec: CaseSpec, auto: str) -> str:
+    short = KINDS[spec.kind].short
+    if spec.backend == "auto":
+        return f"{short} (auto={auto})"
+    return short if spec.backend == "-" else f"{short} ({spec.backend})"
 
 
-def run_table(quick: bool = False, archs: Sequence[str] = ARCHS, members: Sequence[int] = MEMBERS, file=None,
-              *, device: str = "cpu", clock: str = "wall") -> list[dict]:
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def run_table(quick: bool = False, archs: Sequence[str] | None = None, members: Sequence[int] = MEMBERS,
+              file=None, *, device: str = "cpu", clock: str = "wall") -> list[dict]:
     """Run every case of every (arch, M) group, each group timed interleaved -> one dict per case.
 
     Row keys: name, kind, arch, M, K, backend, median_ms (wall clock), iqr_ms, cpu_ms (median process
     CPU time), time_ms (the median of ``clock``: what images/s, GFLOP/s and ratios use), runs, mem_bytes,
-    samples_per_s (images per second: K*B / time for the UAP cases, B / time otherwise), gflops,
+    samples_per_s (images per second: K*B / time for the UAP cases, B / time otherwise), flops, gflops,
     peak_gflops (the group's GEMM, timed interleaved with its cases), pct_peak, anchor (the anchor's
     name/backend), ratio (time / anchor's time), clock, noisy (wall clock only: the row's or its
-    anchor's IQR exceeds NOISY_IQR times the median, the mark of a run disturbed by other work).
-    ``clock="cpu"`` suits a machine shared with other work when torch runs one thread: CPU time then
-    excludes the time the process waits for a core. ``file``: where progress lines go (None: quiet).
+    anchor's IQR exceeds NOISY_IQR times the median, the mark of a run disturbed by other work), note
+    (a compiled case: Dynamo's graphs and breaks), error (a case that could not run: why; its timing
+    keys are None). ``clock="cpu"`` suits a machine shared with other work when torch runs one thread:
+    CPU time then excludes the time the process waits for a core. ``file``: where progress lines go.
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    names = bench_backends(device)
-    auto = backends.current(device)
+    archs = list(archs or arch_names())
+    names, auto = bench_backends(device), backends.current(device)
     timing_options = dict(warmup=1, repeats=5, max_time=4.0) if quick else dict(warmup=3, repeats=20, max_time=20.0)
+    flop_counts: dict[tuple, int] = {}
 
     rows: list[dict] = []
     for arch in archs:
         for m in members:
+            torch._dynamo.reset()  # a fresh compile cache per group: Dynamo's recompile limit never bites
             specs = cases(arch, m, names)
             started = time.perf_counter()
-            closures = {spec.key: build(spec, device) for spec in specs}
+            closures, errors = {}, {}
+            for spec in specs:
+                try:
+                    fn = build(spec, device)
+                    fn()  # a case that cannot run is reported, not timed
+                    flop_key = (KINDS[spec.kind].eager_twin or spec.kind, arch, m, spec.k, spec.batch)
+                    if flop_key not in flop_counts:
+                        flop_counts[flop_key] = count_flops(spec, device)
+                    closures[spec.key] = fn
+                except Exception as error:  # noqa: BLE001 (any failure becomes the row's text)
+                    errors[spec.key] = _first_line(error)
             closures["gemm"], gemm_flops = gemm_closure(device=device)
-            timings = measure_interleaved(closures, device=device, **timing_options)
+            memory = {spec.key for spec in specs if spec.key in closures and KINDS[spec.kind].eager_twin is None}
+            timings = measure_interleaved(closures, device=device, memory=memory, **timing_options)
             peak = gemm_flops / timings["gemm"].seconds(clock) / 1e9
             if file is not None:
                 print(f"[bench] {arch} M={m}: {len(specs)} cases in {time.perf_counter() - started:.1f}s, GEMM "
                       f"{peak:.1f} GFLOP/s, load average {_load_average()}", file=file, flush=True)
             for spec in specs:
-                timing = timings[spec.key]
-                reference_spec = anchor(spec, auto)
-                reference_timing = None if reference_spec is None else timings.get(reference_spec.key)
-                gflops = flops(spec) / timing.seconds(clock) / 1e9
-                rows.append(dict(
-                    name=spec.label, kind=spec.kind, arch=arch, M=m, K=spec.k,
-                    backend=f"auto={auto}" if spec.backend == "auto" else spec.backend,
-                    median_ms=timing.median_s * 1e3, iqr_ms=timing.iqr_s * 1e3, cpu_ms=timing.cpu_median_s * 1e3,
-                    time_ms=timing.seconds(clock) * 1e3, clock=clock, runs=timing.runs, mem_bytes=timing.peak_mem_bytes,
-                    samples_per_s=spec.batch * (spec.k if spec.kind.startswith("uap") else 1) / timing.seconds(clock),
-                    gflops=gflops, peak_gflops=peak, pct_peak=100 * gflops / peak,
-                    anchor=None if reference_timing is None else _short(reference_spec, auto),
-                    ratio=None if reference_timing is None else timing.seconds(clock) / reference_timing.seconds(clock),
-                    noisy=clock == "wall" and any(t.iqr_s > NOISY_IQR * t.median_s
-                                                  for t in (timing, reference_timing) if t is not None)))
+                rows.append(_row(spec, timings, errors, peak, auto, clock,
+                                 flop_counts.get((KINDS[spec.kind].eager_twin or spec.kind, arch, m, spec.k, spec.batch)),
+                                 getattr(closures.get(spec.key), "note", None)))
     return rows
 
 
-def _short(spec: CaseSpec, auto: str) -> str:
-    short = {"plain": "plain", "jr_vjp": "vjp", "jr_jvp": "jvp", "infer_stacked": "stacked", "uap_common": "common"}
-    name = short.get(spec.kind, spec.kind)
-    if spec.backend == "auto":
-        return f"{name} (auto={auto})"
-    return name if spec.backend == "-" else f"{name} ({spec.backend})"
+def _row(spec: CaseSpec, timings: dict, errors: dict, peak: float, auto: str, clock: str, flops: int | None,
+         note: str | None) -> dict:
+    row = dict(name=spec.label, kind=spec.kind, arch=spec.arch, M=spec.members, K=spec.k,
+               backend=f"auto={auto}" if spec.backend == "auto" else spec.backend, clock=clock, note=note,
+               error=errors.get(spec.key), peak_gflops=peak, flops=flops, anchor=None, ratio=None, noisy=False)
+    timing = timings.get(spec.key)
+    if timing is None:
+        return row | dict.fromkeys(("median_ms", "iqr_ms", "cpu_ms", "time_ms", "runs", "mem_bytes",
+                                    "samples_per_s", "gflops", "pct_peak"))
+    seconds = timing.seconds(clock)
+    gflops = flops / seconds / 1e9
+    row.update(median_ms=timing.median_s * 1e3, iqr_ms=timing.iqr_s * 1e3, cpu_ms=timing.cpu_median_s * 1e3,
+               time_ms=seconds * 1e3, runs=timing.runs, mem_bytes=timing.peak_mem_bytes,
+               samples_per_s=spec.batch * (spec.k if KINDS[spec.kind].per_k else 1) / seconds,
+               gflops=gflops, pct_peak=100 * gflops / peak)
+    reference_spec = anchor(spec, auto)
+    reference_timing = None if reference_spec is None else timings.get(reference_spec.key)
+    if reference_timing is not None:
+        row.update(anchor=_short(reference_spec, auto), ratio=seconds / reference_timing.seconds(clock),
+                   noisy=clock == "wall" and any(t.iqr_s > NOISY_IQR * t.median_s for t in (timing, reference_timing)))
+    return row
 
 
 def _load_average() -> str:
@@ -518,7 +733,8 @@ def _load_average() -> str:
 
 
 def machine_info(rows: Sequence[dict], device: str = "cpu", clock: str = "wall") -> dict:
-    """The machine, the software, and the GEMM peaks the groups of ``rows`` measured."""
+    """The machine, the software, the backends not benchmarked (and why), and the GEMM peaks the groups
+    of ``rows`` measured."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -528,11 +744,13 @@ def machine_info(rows: Sequence[dict], device: str = "cpu", clock: str = "wall")
                     break
     except OSError:
         pass
+    skipped = {name: not_benchmarked(name, device) for name in backends.NAMES}
     info = dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__, clock=clock,
                 python=platform.python_version(), device=device,
                 gemm_peak_gflops=sorted({(row["arch"], row["M"]): row["peak_gflops"] for row in rows}.values()),
                 date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-                backends=", ".join(backends.available()), auto_backend=backends.current(device))
+                backends=", ".join(backends.available()), auto_backend=backends.current(device),
+                not_benchmarked="; ".join(f"{name} ({reason})" for name, reason in skipped.items() if reason))
     if str(device).startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     info["load_average"] = _load_average()
@@ -551,6 +769,17 @@ def _memory_cell(value: int | None) -> str:
     return "0" if value == 0 else f"{value / 2 ** 20:.2f}"
 
 
+def _table_line(row: dict) -> str:
+    name = row["name"] + (f" [{row['note']}]" if row.get("note") else "")
+    if row.get("error"):
+        return f"| {name} | {row['arch']} | {row['M']} | {row['backend']} | failed: {row['error']} |" + " |" * 9
+    ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}" + (" (noisy)" if row.get("noisy") else "")
+    return (f"| {name} | {row['arch']} | {row['M']} | {row['backend']} | {row['median_ms']:.2f} | "
+            f"{row['iqr_ms']:.2f} | {row['cpu_ms']:.2f} | {row['runs']} | {_memory_cell(row['mem_bytes'])} | "
+            f"{row['samples_per_s']:.0f} | {row['gflops']:.1f} | {row['pct_peak']:.0f} | {row['anchor'] or ''} | "
+            f"{ratio} |")
+
+
 def format_markdown(rows: Sequence[dict], header_info: dict) -> str:
     """A markdown table of ``rows`` headed by the machine (``header_info`` from ``machine_info``)."""
     info = header_info
@@ -559,7 +788,7 @@ def format_markdown(rows: Sequence[dict], header_info: dict) -> str:
     memory_header = "peak MiB" if str(info.get("device", "cpu")).startswith("cuda") else "saved-act MiB"
     lines = [
         f"Machine: {device}; torch {info['torch']}, Python {info['python']}; backends available: "
-        f"{info['backends']} (automatic: {info['auto_backend']}).",
+        f"{info['backends']} (automatic: {info['auto_backend']}); not benchmarked: {info['not_benchmarked'] or 'none'}.",
         f"Practical peak: a {GEMM_SIZE}^3 float32 matmul timed in every group ({info['clock']} clock, "
         f"{info['threads']} threads): {_peak_range(info['gemm_peak_gflops'])} GFLOP/s; % peak uses its own group's. "
         f"Date: {info['date']}; load average at the end: {info['load_average']}.",
@@ -568,12 +797,7 @@ def format_markdown(rows: Sequence[dict], header_info: dict) -> str:
         f"GFLOP/s | % peak | anchor | {clock} time / anchor |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for row in rows:
-        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}" + (" (noisy)" if row.get("noisy") else "")
-        lines.append(
-            f"| {row['name']} | {row['arch']} | {row['M']} | {row['backend']} | {row['median_ms']:.2f} | "
-            f"{row['iqr_ms']:.2f} | {row['cpu_ms']:.2f} | {row['runs']} | {_memory_cell(row['mem_bytes'])} | "
-            f"{row['samples_per_s']:.0f} | {row['gflops']:.1f} | {row['pct_peak']:.0f} | {row['anchor'] or ''} | {ratio} |")
+    lines += [_table_line(row) for row in rows]
     lines += [
         "",
         f"B = {BATCH}, nproj = 1, float32, random data; lambda_JR = {JR_LAMBDA}; every step includes backward and "
@@ -583,8 +807,10 @@ def format_markdown(rows: Sequence[dict], header_info: dict) -> str:
         "disturbed the run; do not read that ratio. "
         f"images/s, GFLOP/s, % peak and ratios use the {clock} clock "
         f"({'median process CPU time' if clock == 'cpu' else 'median wall time'}). "
-        "GFLOP/s count GEMM/convolution FLOPs from the layer shapes "
-        "(`fastjac.benchmark.step_flops`); the common UAP counts the parameter gradients it forms. "
+        "GFLOP/s: the GEMM/convolution FLOPs one call executes (torch.utils.flop_counter formulas over its ATen "
+        "ops, counted on the torch backend; a compiled case on its eager twin). torch.compile rows: compiled "
+        "before timing; [n graphs, k graph breaks] as Dynamo made them. branchy: a member with data-dependent "
+        "control flow that no engine fuses (its JR rows are the generic path). "
         + ("peak MiB: growth of torch.cuda.max_memory_allocated over one call."
            if memory_header == "peak MiB" else
            "saved-act MiB: bytes autograd saves for backward in one call (saved_tensors_hooks, once per storage); "
@@ -593,180 +819,15 @@ def format_markdown(rows: Sequence[dict], header_info: dict) -> str:
     return "\n".join(lines)
 
 
-# =========================================================================================== targets
-def _find(rows, kind, arch="mlp", m=5, backend=None, k=1) -> dict | None:
-    for row in rows:
-        if row["kind"] == kind and row["arch"] == arch and row["M"] == m and row["K"] == k and (
-                backend is None or row["backend"] == backend):
-            return row
-    return None
-
-
-def check_targets(rows: Sequence[dict], auto: str | None = None, arch: str = "mlp", m: int = 5) -> list[dict]:
-    """The throughput targets on (arch, M) with the automatic backend -> [{target, ratio, ok, spec}].
-
-    ``spec`` is the fastjac case to profile when the target is missed. Missing rows give ratio None.
-    """
-    auto = auto or backends.current("cpu")
-    auto_label = f"auto={auto}"
-
-    noisy_rows: list[str] = []
-
-    def median(kind, backend=None, k=1):
-        row = _find(rows, kind, arch, m, backend, k)
-        if row is not None and row.get("noisy"):
-            noisy_rows.append(kind)
-        return None if row is None else row["time_ms"]
-
-    plain = median("plain", auto_label)
-    vjp, jvp = median("jr_vjp", auto), median("jr_jvp", auto)
-    reference_jr, loop = median("reference_jr"), median("loop")
-    infer, infer_loop, infer_vmap = median("infer_stacked", auto_label), median("infer_loop"), median("infer_vmap")
-    uap1, uap4, common1 = median("uap", auto_label, 1), median("uap", auto_label, 4), median("uap_common", k=1)
-
-    def ratio(a, b):
-        return None if a is None or b is None else a / b
-
-    same = dict(arch=arch, members=m)
-    noisy = set(noisy_rows)
-    vjp_spec, jvp_spec = CaseSpec("jr_vjp", backend=auto, **same), CaseSpec("jr_jvp", backend=auto, **same)
-    targets = [
-        ("jvp JR step <= 2.2x plain stacked step", ratio(jvp, plain), lambda r: r <= 2.2, jvp_spec),
-        ("vjp JR step <= 2.5x plain stacked step", ratio(vjp, plain), lambda r: r <= 2.5, vjp_spec),
-        ("reference JR / vjp JR >= 1.3x", ratio(reference_jr, vjp), lambda r: r >= 1.3, vjp_spec),
-        ("reference JR / jvp JR >= 1.6x", ratio(reference_jr, jvp), lambda r: r >= 1.6, jvp_spec),
-        ("plain stacked step at least loop speed (loop / stacked >= 1)", ratio(loop, plain), lambda r: r >= 1.0,
-         CaseSpec("plain", backend="auto", **same)),
-        ("inference at least loop speed (loop / stacked >= 1)", ratio(infer_loop, infer), lambda r: r >= 1.0,
-         CaseSpec("infer_stacked", backend="auto", **same)),
-        ("inference at least vmap speed (vmap / stacked >= 1)", ratio(infer_vmap, infer), lambda r: r >= 1.0,
-         CaseSpec("infer_stacked", backend="auto", **same)),
-        ("UAP K=1 >= 2x common implementation (common / fastjac >= 2)", ratio(common1, uap1), lambda r: r >= 2.0,
-         CaseSpec("uap", backend="auto", k=1, **same)),
-        ("UAP K=4 iteration <= 4x K=1 iteration", ratio(uap4, uap1), lambda r: r <= 4.0,
-         CaseSpec("uap", backend="auto", k=4, **same)),
-    ]
-    kinds = [("jr_jvp", "plain"), ("jr_vjp", "plain"), ("reference_jr", "jr_vjp"), ("reference_jr", "jr_jvp"),
-             ("loop", "plain"), ("infer_loop", "infer_stacked"), ("infer_vmap", "infer_stacked"), ("uap_common", "uap"),
-             ("uap", "uap")]
-    return [dict(target=name, ratio=value, ok=None if value is None else bool(test(value)), spec=spec,
-                 noisy=bool(noisy & set(used)))
-            for (name, value, test, spec), used in zip(targets, kinds)]
-
-
-def format_targets(results: Sequence[dict], arch: str = "mlp", m: int = 5) -> str:
-    lines = [f"Targets ({arch}, M={m}, automatic backend; checked, not asserted):", ""]
-    for result in results:
-        status = "n/a " if result["ok"] is None else ("PASS" if result["ok"] else "MISS")
-        value = "not measured" if result["ratio"] is None else f"{result['ratio']:.2f}x"
-        lines.append(f"- {status} {result['target']}: measured {value}"
-                     + (" (noisy: a row it uses was disturbed by other work)" if result.get("noisy") else ""))
-    return "\n".join(lines)
-
-
-def profile_top_ops(spec: CaseSpec, *, calls: int = 5, row_limit: int = 12, device: str = "cpu") -> str:
-    """torch.profiler table of the top ops (by self CPU time) over ``calls`` calls of ``spec``."""
-    fn = build(spec, device)
-    for _ in range(2):
-        fn()
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if str(device).startswith("cuda"):
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(calls):
-            fn()
-    sort = "self_cuda_time_total" if str(device).startswith("cuda") else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=row_limit, max_name_column_width=48)
-
-
-# ================================================================================ estimator variance
-def _variance_batch(batch: int, device: str) -> tuple[torch.Tensor, str]:
-    """The first ``batch`` Fashion-MNIST test images when the data are installed, else smooth random
-    images (a blurred uniform field, clamped to [0, 1])."""
-    try:
-        from fastjac import data
-
-        x, _ = data.load("fashion-mnist", "test")
-        return x[:batch].to(device), f"the first {batch} Fashion-MNIST test images"
-    except Exception as error:  # no data here: the report says which batch it used
-        generator = torch.Generator().manual_seed(0)
-        field = torch.rand(batch, *models.INPUT_SHAPE, generator=generator)
-        x = F.avg_pool2d(field, 5, stride=1, padding=2).mul(2).sub(0.5).clamp(0, 1)
-        return x.to(device), f"{batch} smooth random images (Fashion-MNIST not available: {error})"
-
-
-def estimator_variance(*, arch: str = "mlp", members: int = 5, draws: int = 200, batch: int = BATCH,
-                       rows: Sequence[dict] | None = None, device: str = "cpu", quick: bool = False,
-                       clock: str = "wall") -> dict:
-    """Spread of the nproj = 1 vjp and jvp estimates of each member's batch-mean ||J||_F^2, at init.
-
-    For each estimator: over ``draws`` independent projections, the mean (with its standard error, to
-    compare with the exact value from jacrev), the standard deviation of one estimate (what one training
-    step sees), its relative variance (var / exact^2, averaged over members), and time x relative
-    variance with the time (``clock``) of one JR training step (from ``rows`` when they hold the (arch, M) steps
-    on the automatic backend, else measured here): the cost of reaching a given variance by averaging
-    steps; lower is better.
-    """
-    ensemble = Ensemble(make_members(arch, members, device=device)).eval()
-    x, source = _variance_batch(batch, device)
-    with torch.no_grad():
-        exact = penalty_and_logits(ensemble, x, mode="exact")[1].double()  # [M]
-        estimates = {mode: torch.stack([penalty_and_logits(ensemble, x, nproj=1, mode=mode)[1].double()
-                                        for _ in range(draws)]) for mode in ("vjp", "jvp")}  # [draws, M]
-    auto = backends.current(device)
-    step_ms = {}
-    for mode in ("vjp", "jvp"):
-        row = None if rows is None else _find(rows, f"jr_{mode}", arch, members, auto)
-        if row is not None:
-            step_ms[mode] = row["time_ms"]
-    if len(step_ms) < 2:
-        specs = {mode: CaseSpec(f"jr_{mode}", arch, members, auto, batch=batch) for mode in ("vjp", "jvp")}
-        options = dict(warmup=1, repeats=5) if quick else dict(warmup=3, repeats=20, max_time=10.0)
-        timings = measure_interleaved({mode: build(spec, device) for mode, spec in specs.items()}, device=device,
-                                      memory=False, **options)
-        step_ms = {mode: timing.seconds(clock) * 1e3 for mode, timing in timings.items()}
-    report = dict(arch=arch, members=members, draws=draws, batch=batch, source=source, clock=clock,
-                  exact=exact.tolist(), estimators={})
-    for mode, values in estimates.items():
-        std = values.std(dim=0)  # [M]
-        relative_variance = (std.pow(2) / exact.pow(2)).mean().item()
-        report["estimators"][mode] = dict(
-            mean=values.mean(0).tolist(), sem=(std / math.sqrt(draws)).tolist(), std=std.tolist(),
-            relative_std=(std / exact).mean().item(), relative_variance=relative_variance,
-            step_ms=step_ms[mode], time_x_variance=step_ms[mode] * relative_variance)
-    return report
-
-
-def format_variance(report: dict) -> str:
-    lines = [
-        f"Estimator variance ({report['arch']}, M={report['members']} at init, nproj=1, batch of "
-        f"{report['source']}; {report['draws']} draws per estimator):",
-        "",
-        "| estimator | member | exact | mean of draws +- s.e. | std of one estimate | std / exact |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for mode, stats in report["estimators"].items():
-        for index, exact in enumerate(report["exact"]):
-            lines.append(f"| {mode} | {index} | {exact:.4g} | {stats['mean'][index]:.4g} +- {stats['sem'][index]:.2g} | "
-                         f"{stats['std'][index]:.3g} | {stats['std'][index] / exact:.3f} |")
-    lines += ["", f"| estimator | JR step ms ({report['clock']} clock) | "
-                  "relative variance (var/exact^2, mean over members) | "
-                  "step ms x relative variance (lower is better) |", "|---|---:|---:|---:|"]
-    for mode, stats in report["estimators"].items():
-        lines.append(f"| {mode} | {stats['step_ms']:.2f} | {stats['relative_variance']:.4g} | "
-                     f"{stats['time_x_variance']:.4g} |")
-    return "\n".join(lines)
-
-
 # =============================================================================================== CLI
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fastjac bench``: run the table, the target checks and the estimator-variance report."""
+def make_parser(prog: str = "python -m fastjac bench") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fastjac bench",
-        description="Throughput benchmarks of fastjac against loops, torch.func vmap, the reference JR step and a "
-                    "common SGD-UAP implementation, all timed in one run (see fastjac/benchmark.py).")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and draws (a smoke run, noisy)")
-    parser.add_argument("--arch", choices=ARCHS, action="append",
+        prog=prog,
+        description="Throughput of fastjac against loops of members, torch.func, torch.compile, the reference JR "
+                    "step and a common SGD-UAP implementation, all timed in one run (see fastjac/benchmark.py). "
+                    "Targets: python -m bench.targets; estimator variance: python -m bench.variance.")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, noisy)")
+    parser.add_argument("--arch", choices=arch_names(), action="append",
                         help="architecture(s) to run (repeatable; default: all)")
     parser.add_argument("--members", type=int, action="append", help=f"ensemble size(s) M (default: {MEMBERS})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -777,43 +838,39 @@ def main(argv: list[str] | None = None) -> int:
                         help="clock for ratios, images/s and GFLOP/s: wall time, or process CPU time (with "
                              "--threads 1 it excludes the time spent waiting for a core on a shared machine)")
     parser.add_argument("--out", help="also write the report (markdown) to this file")
-    parser.add_argument("--no-variance", action="store_true", help="skip the estimator-variance report")
-    parser.add_argument("--profile-misses", action="store_true",
-                        help="print a torch.profiler top-ops table for the case of every missed target")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> tuple[list, str]:
+    """Apply ``args`` (threads), run the table -> (rows, the markdown report headed by the command)."""
     if any(m < 1 for m in args.members or []):
         parser.error("--members must be >= 1")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    archs, members = tuple(args.arch or ARCHS), tuple(args.members or MEMBERS)
+    rows = run_table(args.quick, args.arch or arch_names(), tuple(args.members or MEMBERS), file=sys.stderr,
+                     device=args.device, clock=args.clock)
+    command = f"{parser.prog} " + " ".join(argv)
+    return rows, "\n".join([f"Command: `{command.strip()}`", "", format_markdown(rows, machine_info(rows, args.device,
+                                                                                                   args.clock))])
 
-    rows = run_table(args.quick, archs, members, file=sys.stderr, device=args.device, clock=args.clock)
-    info = machine_info(rows, args.device, args.clock)
-    prog = "python -m fastjac.benchmark" if sys.argv[0].endswith("benchmark.py") else parser.prog
-    command = f"{prog} " + " ".join(argv if argv is not None else sys.argv[1:])
-    sections = [f"Command: `{command.strip()}`", "", format_markdown(rows, info)]
-    target_arch, target_m = ("mlp" if "mlp" in archs else archs[0]), (5 if 5 in members else max(members))
-    results = check_targets(rows, backends.current(args.device), target_arch, target_m)
-    sections += ["", format_targets(results, target_arch, target_m)]
-    if args.profile_misses:
-        profiled = set()
-        for result in results:
-            if result["ok"] is False and result["spec"].key not in profiled:
-                profiled.add(result["spec"].key)
-                sections += ["", f"Top ops of `{result['spec'].label}` ({result['spec'].backend}; missed: "
-                             f"{result['target']}):", "", "```",
-                             profile_top_ops(result["spec"], device=args.device), "```"]
-    if not args.no_variance and "mlp" in archs:
-        report = estimator_variance(members=target_m, draws=50 if args.quick else 200, rows=rows,
-                                    device=args.device, quick=args.quick, clock=args.clock)
-        sections += ["", format_variance(report)]
-    text = "\n".join(sections)
+
+def write_report(text: str, out: str | None) -> None:
     print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
+    if out:
+        with open(out, "w") as handle:
             handle.write(text + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastjac bench``: run the table."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser("python -m fastjac.benchmark" if sys.argv[0].endswith("benchmark.py") else
+                         "python -m fastjac bench")
+    args = parser.parse_args(argv)
+    _, text = run_from_args(parser, args, argv)
+    write_report(text, args.out)
     return 0
 
 

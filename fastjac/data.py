@@ -1,7 +1,8 @@
 """Offline loading of MNIST-style IDX data (Fashion-MNIST, MNIST) into torch tensors.
 
-Nothing here downloads: files are found under ``root=``, ``$FASTJAC_DATA`` or, for
-Fashion-MNIST, Debian's ``dataset-fashion-mnist`` package. Every problem with the data
+Nothing here downloads: files are found under ``root=``, else ``$FASTJAC_DATA``, else (for
+Fashion-MNIST only, and only when neither names a directory) Debian's ``dataset-fashion-mnist``
+package. An explicit directory is used or fails: never a silent fallback to other data. Every problem with the data
 raises :class:`DataError` naming the file involved, so a bad download is easy to spot.
 """
 from __future__ import annotations
@@ -83,19 +84,28 @@ def _check_choice(name: str, split: str) -> None:
         raise DataError(f"unknown split {split!r} for {name}; valid splits: {', '.join(SPLITS)}")
 
 
-def _search_dirs(name: str, root) -> list[Path]:
-    """Directories to search, in order. An explicit ``root`` is searched alone, so a typo in it
-    is reported instead of silently falling back to other data; $FASTJAC_DATA falls back to
-    the Debian package so pointing it at MNIST does not break Fashion-MNIST."""
+def _explicit_root(root) -> tuple[Path, str] | None:
+    """(directory, how it was named) for root= or $FASTJAC_DATA, None when neither is set. An explicit root
+    is used alone or fails: a typo in it must never silently load other data (such as Debian's copy)."""
     env = os.environ.get("FASTJAC_DATA")
-    base = root if root is not None else env
-    dirs = []
-    if base:
-        base = Path(base).expanduser()
-        dirs += [base, base / name, base / _TORCHVISION_DIR[name] / "raw"]
-    if root is None and name == "fashion-mnist":
-        dirs.append(DEBIAN_DIR)
-    return dirs
+    if root is not None:
+        return Path(root).expanduser(), f"root={str(root)!r}"
+    if env:
+        return Path(env).expanduser(), f"FASTJAC_DATA={env!r}"
+    return None
+
+
+def _search_dirs(name: str, root) -> list[Path]:
+    """Directories to search, in order: under an explicit root (root= or $FASTJAC_DATA) the root itself,
+    ``root/<name>`` and torchvision's ``root/<Name>/raw``, and nothing else; without one, Debian's
+    Fashion-MNIST package."""
+    explicit = _explicit_root(root)
+    if explicit is not None:
+        base, how = explicit
+        if not base.is_dir():
+            raise DataError(f"data directory {base} ({how}) does not exist or is not a directory")
+        return [base, base / name, base / _TORCHVISION_DIR[name] / "raw"]
+    return [DEBIAN_DIR] if name == "fashion-mnist" else []
 
 
 def find_files(name: str, split: str, root=None) -> tuple[Path, Path]:

@@ -5,7 +5,9 @@ Configurations: a baseline single model; JR single models over a lambda grid; a 
 unregularized), and with the ensemble target (joint training). Each is trained, attacked with SGD-UAP
 over the whole eps grid in one batched run (fitted on training data), and evaluated on the test set.
 Every finished (configuration, seed) is written to results.json at once, so a rerun into the same
-directory skips it; training checkpoints each epoch, so an interrupted configuration resumes too.
+directory skips it; training checkpoints each epoch, so an interrupted configuration resumes too. A run
+holds a lock on its directory (no job is ever done twice by two runs), and every file is written
+atomically under a unique temporary name.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from fastjac import __version__, data, models
+from fastjac import __version__, _io, data, models
+from fastjac._checks import check_int
 from fastjac.ensemble import Ensemble
 from fastjac.metrics import evaluate
 from fastjac.train import train
@@ -91,6 +94,8 @@ def _cpu_name() -> str:
 
 def subset(x, y, count, seed):
     """A seeded random subset of ``count`` samples (all of them when count is None or too large)."""
+    if count is not None:
+        check_int(count, "samples", 1)
     if count is None or count >= x.shape[0]:
         return x, y
     index = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
@@ -101,6 +106,7 @@ def _run_one(config: Configuration, seed: int, preset: Preset, arch: str, train_
              progress: bool) -> dict:
     torch.manual_seed(seed)
     model = Ensemble([models.build(arch) for _ in range(config.members)]) if config.members else models.build(arch)
+    model = model.to(train_data[0].device)
     lam = config.jr_lambda if config.members else float(config.jr_lambda)
     started = time.perf_counter()
     checkpoint = out / "checkpoints" / f"{config.name}-seed{seed}.pt"
@@ -115,7 +121,8 @@ def _run_one(config: Configuration, seed: int, preset: Preset, arch: str, train_
     attack = sgd_uap(model, batches, eps=list(preset.eps), epochs=preset.uap_epochs, progress=progress)
     attack_seconds = time.perf_counter() - started
     metrics = evaluate(model, *test_data, attack.delta)
-    torch.save(attack.delta, out / "uaps" / f"{config.name}-seed{seed}.pt")
+    _io.save_uap(out / "uaps" / f"{config.name}-seed{seed}.pt", attack.delta, attack.eps, attack.targets,
+                 meta={"configuration": config.name, "seed": seed, "arch": arch})
     save_uap_image(attack.delta, preset.eps, out / "uaps" / f"{config.name}-seed{seed}.png", config.name)
     keyed = lambda values: {f"{e:g}": v for e, v in zip(preset.eps, values)}  # noqa: E731
     return {"name": config.name, "kind": config.kind, "members": max(config.members, 1), "jr_lambda": config.jr_lambda,
@@ -126,6 +133,7 @@ def _run_one(config: Configuration, seed: int, preset: Preset, arch: str, train_
 
 
 def save_uap_image(delta: torch.Tensor, eps, path: Path, title: str) -> None:
+    """A PNG of the K perturbations ``delta [K, 1, H, W]`` side by side, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,8 +145,10 @@ def save_uap_image(delta: torch.Tensor, eps, path: Path, title: str) -> None:
         axis.set_title(f"eps={value:g}", fontsize=8)
         axis.axis("off")
     figure.suptitle(title, fontsize=8)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
+    try:
+        _io.atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(figure)
 
 
 def summarize(rows: list[dict], eps) -> list[dict]:
@@ -199,33 +209,82 @@ def plot_tradeoff(rows: list[dict], eps, path: Path) -> None:
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=k) for k, c in colors.items()]
     axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        _io.atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
+    finally:
+        plt.close(figure)
+
+
+# What reproduce writes into its output directory (results.json marks the directory as fastjac's own).
+OUTPUTS = ("results.json", "results.md", "tradeoff.png", "uaps", "checkpoints")
+
+
+def _read_results(path: Path) -> dict | None:
+    """results.json of an earlier run, or None; a damaged file is an error naming it (never overwritten)."""
+    if not path.exists():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); it is not overwritten: repair or remove it, or "
+                         f"choose another --out") from None
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or "study" not in results:
+        raise ValueError(f"{path} is not a fastjac reproduce results file (expected keys study and rows); choose "
+                         f"another --out")
+    return results
+
+
+def is_results_directory(directory: Path) -> bool:
+    """True when ``directory`` holds a readable results.json of reproduce: fastjac's own output."""
+    try:
+        return _read_results(Path(directory) / "results.json") is not None
+    except (OSError, ValueError):
+        return False
+
+
+def check_output(out, force: bool = False) -> Path:
+    """reproduce's output directory usable before any work: not a file, writable, a results.json that is
+    readable (a damaged one is an error naming it, never overwritten), and no file of another program where
+    results go (unless ``force``)."""
+    if Path(out).is_dir():
+        _read_results(Path(out) / "results.json")
+    return _io.check_output_directory(out, OUTPUTS, is_results_directory, force=force)
 
 
 def reproduce(*, dataset: str = "fashion-mnist", arch: str = "mlp", preset: str = "quick", out="runs/reproduce",
-              root=None, progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out``; returns the results.json content."""
+              root=None, progress: bool = True, device=None, force: bool = False) -> dict:
+    """Run (or resume) the study into ``out`` on ``device`` (default: the CPU); returns the results.json
+    content. The directory is locked for the run (a second run into it raises OutputInUse), and temporary
+    files a killed run left there are removed at the start."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     models.build(arch)  # fail early on an unknown architecture
+    device = torch.device("cpu" if device is None else device)
     settings = PRESETS[preset]
-    out = Path(out)
-    (out / "uaps").mkdir(parents=True, exist_ok=True)
+    out = check_output(out, force)
+    out.mkdir(parents=True, exist_ok=True)
+    with _io.output_lock(out):
+        for directory in (out, out / "uaps", out / "checkpoints"):
+            _io.remove_orphans(directory)
+        return _reproduce_locked(dataset, arch, preset, settings, out, root, progress, device)
+
+
+def _reproduce_locked(dataset, arch, preset, settings, out: Path, root, progress, device) -> dict:
+    (out / "uaps").mkdir(exist_ok=True)
     results_path = out / "results.json"
     identity = {"dataset": dataset, "arch": arch, "preset": preset, "settings": asdict(settings)}
     identity["settings"] = json.loads(json.dumps(identity["settings"]))  # tuples -> lists, as read back
     results = {"study": identity, "environment": _environment(), "rows": []}
-    if results_path.exists():
-        previous = json.loads(results_path.read_text())
+    previous = _read_results(results_path)
+    if previous is not None:
         if previous.get("study") != identity:
             raise ValueError(f"{results_path} holds a study with other settings ({previous.get('study')}); "
                              f"use another --out")
         results["rows"] = previous["rows"]
     done = {(row["name"], row["seed"]) for row in results["rows"]}
 
-    train_data = subset(*data.load(dataset, "train", root), settings.train_samples, 0)
-    test_data = subset(*data.load(dataset, "test", root), settings.test_samples, 0)
+    train_data = [t.to(device) for t in subset(*data.load(dataset, "train", root), settings.train_samples, 0)]
+    test_data = [t.to(device) for t in subset(*data.load(dataset, "test", root), settings.test_samples, 0)]
     jobs = [(c, s) for s in settings.seeds for c in configurations(settings)]
     for number, (config, seed) in enumerate(jobs, start=1):
         if (config.name, seed) in done:
@@ -234,23 +293,16 @@ def reproduce(*, dataset: str = "fashion-mnist", arch: str = "mlp", preset: str 
             print(f"[{number}/{len(jobs)}] {config.name} (seed {seed})", file=sys.stderr, flush=True)
         row = _run_one(config, seed, settings, arch, train_data, test_data, out, progress)
         results["rows"].append(row)
-        _write_text(results_path, json.dumps(results, indent=2))
+        _io.atomic_write_text(results_path, json.dumps(results, indent=2))
         if progress:
             accuracies = ", ".join(f"ε={e}: {100 * a:.1f}%" for e, a in row["uap_accuracy"].items())
             print(f"    clean {100 * row['clean_accuracy']:.1f}%, UAP {accuracies} "
                   f"(train {row['train_seconds']:.0f}s, attack {row['attack_seconds']:.0f}s)", file=sys.stderr, flush=True)
-    _write_text(results_path, json.dumps(results, indent=2))
+    _io.atomic_write_text(results_path, json.dumps(results, indent=2))
     table = markdown_table(results["rows"], settings.eps)
-    _write_text(out / "results.md", f"# fastjac reproduce: {dataset}, {arch}, preset {preset}\n\n{table}")
+    _io.atomic_write_text(out / "results.md", f"# fastjac reproduce: {dataset}, {arch}, preset {preset}\n\n{table}")
     plot_tradeoff(results["rows"], settings.eps, out / "tradeoff.png")
     if progress:
         print(table, file=sys.stderr)
         print(f"results in {out}/: results.json, results.md, tradeoff.png, uaps/", file=sys.stderr)
     return results
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic text write: results.json is never left half-written by an interruption."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)

@@ -2,14 +2,17 @@
 
 One step for an Ensemble is one batched pass for all members (the stacked engine): loss =
 sum_m [CE(f_m) + lambda_m/2 * ||J_m||^2] (target "members") or CE(mean_m f_m) + lambda/2 * ||J_ens||^2
-(target "ensemble"). Randomness (data order, projections) is drawn from a generator seeded by
-(seed, epoch), so a run resumed from its checkpoint ends with the same weights as an uninterrupted one.
+(target "ensemble"). Randomness is drawn from generators seeded by (seed, epoch): the data order on the CPU,
+the projections on the data's device; so a run resumed from its checkpoint ends with the same weights as an
+uninterrupted one. Every argument is checked before the first step, and the hot loop never waits for the
+device: per-step values stay there, and divergence is checked once per epoch.
 """
 from __future__ import annotations
 
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,12 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastjac import _io
-from fastjac._checks import check_choice, check_inputs, check_labels, check_nproj
+from fastjac import _io, backends
+from fastjac._checks import (check_choice, check_fits_dtype, check_inputs, check_int, check_labels, check_model_input,
+                             check_nproj, check_projection_memory, warn_outside_unit_range)
 from fastjac.ensemble import Ensemble
 from fastjac.jacobian import MODES, TARGETS, penalty_and_logits
 
 MEMBER_DATA = ("shared", "independent")
+MAX_SEED = 2**40  # the generators' seeds, seed * 1_000_003 + epoch, must fit a 64-bit integer
 
 
 @dataclass
@@ -61,12 +66,80 @@ def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The generator of one epoch: resuming at any epoch replays exactly the same randomness."""
+    """The data-order generator of one epoch. It stays on the CPU whatever the data's device: the same seed
+    gives the same batches on every machine, and resuming at any epoch replays exactly the same order."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def projection_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The projection generator of one epoch, on the data's device (torch.randn for CUDA tensors needs a
+    CUDA generator). Its draws depend on the device's generator kind, as any device-side randomness does."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch + 500_001)
+
+
+def _model_signature(model: nn.Module) -> str:
+    """Tensor names and shapes: what a checkpoint's weights must fit."""
+    return ", ".join(f"{name} {list(tensor.shape)}" for name, tensor in model.state_dict().items())
 
 
 def _config(**settings) -> dict:
     return {key: (list(value) if isinstance(value, tuple) else value) for key, value in settings.items()}
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    """'key: checkpoint A, this run B' for every setting both record and that differs (a setting an older
+    checkpoint does not record is not compared)."""
+    return [f"{key}: checkpoint {saved[key]!r}, this run {current[key]!r}"
+            for key in current if key in saved and saved[key] != current[key]]
+
+
+def _load_checkpoint(checkpoint, config: dict, epochs: int) -> dict:
+    """The checkpoint's record, checked against this run: its structure, every setting, and the epochs."""
+    state = _io.load(checkpoint, "checkpoint")
+    if not isinstance(state, dict) or not all(key in state for key in _io.CHECKPOINT_KEYS) \
+            or not isinstance(state["epoch"], int) or not isinstance(state["config"], dict) \
+            or not isinstance(state["model"], dict) or not isinstance(state["history"], list):
+        raise ValueError(f"checkpoint {checkpoint} is not a fastjac training checkpoint (expected a dict with "
+                         f"{', '.join(_io.CHECKPOINT_KEYS)}); remove it or choose another output")
+    differences = _differences(state["config"], config)
+    if differences:
+        raise ValueError(f"checkpoint {checkpoint} was written by a run with other settings: "
+                         f"{'; '.join(differences)}. Use the same settings to resume, or remove the checkpoint "
+                         f"(or choose another output) to start over")
+    done, planned = state["epoch"], state.get("epochs")
+    if epochs < done:
+        raise ValueError(f"checkpoint {checkpoint} has already trained {done} epochs, more than the {epochs} "
+                         f"asked for; ask for epochs >= {done}, or remove the checkpoint to start over")
+    if planned is not None and planned != epochs and epochs > done:
+        warnings.warn(f"resuming {checkpoint} after epoch {done}: it was written by a run of {planned} epochs, "
+                      f"this run trains to epoch {epochs}", stacklevel=3)
+    _io.check_finite_state(state["model"], checkpoint)
+    return state
+
+
+def _check_arguments(model, x, y, *, epochs, batch_size, lr, jr_target, jr_mode, nproj, seed, member_data,
+                     backend) -> int:
+    """Every argument of ``train`` checked before any compute; returns the number of classes."""
+    check_inputs(x, "data x", values=False)
+    check_labels(y, x.shape[0], None, "data y", values=False, device=x.device)
+    check_choice(jr_target, TARGETS, "jr_target")
+    check_choice(jr_mode, MODES, "jr_mode")
+    check_choice(member_data, MEMBER_DATA, "member_data")
+    if jr_mode != "exact":
+        check_nproj(nproj, jr_mode)
+    check_int(epochs, "epochs", 0)
+    check_int(batch_size, "batch_size", 1)
+    check_int(seed, "seed", 0, MAX_SEED)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or not lr > 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if backend is not None:
+        backends.resolve(backend, x.device.type)  # a backend named explicitly must run, before any work
+    classes = check_model_input(model, x, "data x")  # device, dtype and sample shape first: then scan values
+    check_inputs(x, "data x")
+    check_labels(y, x.shape[0], classes, "data y")  # labels must index the model's classes
+    low, high = torch.aminmax(x)
+    warn_outside_unit_range(float(low), float(high), "data x")
+    return classes
 
 
 def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: float = 1e-3,
@@ -74,26 +147,20 @@ def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: flo
           checkpoint=None, progress: bool = True, member_data: str = "shared", backend: str | None = None) -> TrainResult:
     """Train ``model`` (an nn.Module or an Ensemble) in place with Adam on ``data = (x [N,*input], y [N])``.
 
+    x and y must be on the model's device, x in the model's dtype and in [0, 1] (a warning otherwise).
     jr_lambda: a float, or one float per member (target "members"; 0 leaves a member unregularized).
     jr_target: "members" or "ensemble"; jr_mode: "vjp" or "jvp" (or "exact", slow); nproj projections.
     member_data: "shared" (every member sees the same batches) or "independent" (each member its own
         shuffle, as separately trained models would).
-    checkpoint: a file path; written atomically after every epoch, and resumed from when it exists.
+    checkpoint: a file path; written atomically after every epoch, and resumed from when it exists (with the
+        same settings; more epochs continue with a warning, fewer are refused).
+    A run whose loss or parameters stop being finite raises FloatingPointError at the end of that epoch,
+    before any checkpoint of the bad state is written (checked once per epoch: no host sync per step).
     Returns a TrainResult with the per-epoch history.
     """
     x, y = data
-    check_inputs(x, "data x")
-    check_labels(y, x.shape[0], None, "data y")
-    check_choice(jr_target, TARGETS, "jr_target")
-    check_choice(jr_mode, MODES, "jr_mode")
-    check_choice(member_data, MEMBER_DATA, "member_data")
-    if jr_mode != "exact":
-        check_nproj(nproj, jr_mode)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < (0 if name == "epochs" else 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+    classes = _check_arguments(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, jr_target=jr_target,
+                               jr_mode=jr_mode, nproj=nproj, seed=seed, member_data=member_data, backend=backend)
     is_ensemble = isinstance(model, Ensemble)
     members = model.num_members if is_ensemble else 1
     if member_data == "independent" and not is_ensemble:
@@ -101,31 +168,36 @@ def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: flo
     if member_data == "independent" and jr_target == "ensemble":
         raise ValueError("jr_target='ensemble' trains the members jointly on shared batches (member_data='shared')")
     lambdas = _lambdas(jr_lambda, members, jr_target if is_ensemble else "single")
-    with torch.no_grad():  # labels must index the model's classes: a clear error now, not deep in CE
-        check_labels(y, x.shape[0], model(x[:1]).shape[-1], "data y")
+    check_fits_dtype(lambdas.tolist(), x.dtype, "jr_lambda")
     regularized = bool((lambdas > 0).any())
+    if regularized and jr_mode != "exact":
+        check_projection_memory(model, x, min(batch_size, x.shape[0]), classes if nproj == -1 else nproj)
     config = _config(batch_size=batch_size, lr=lr, jr_lambda=lambdas.tolist(), jr_target=jr_target, jr_mode=jr_mode,
-                     nproj=nproj, seed=seed, member_data=member_data, members=members, samples=int(x.shape[0]))
+                     nproj=nproj, seed=seed, member_data=member_data, members=members, samples=int(x.shape[0]),
+                     model=_model_signature(model))
 
     optimizer = make_optimizer(model.parameters(), lr)
     result = TrainResult(model)
     start_epoch = 0
     if checkpoint is not None and Path(checkpoint).exists():
-        state = _io.load(checkpoint)
-        if state.get("config") != config:
-            raise ValueError(f"checkpoint {checkpoint} was written by a run with other settings:\n"
-                             f"  checkpoint: {state.get('config')}\n  this run:   {config}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        result.history, start_epoch = list(state["history"]), int(state["epoch"])
+        state = _load_checkpoint(checkpoint, config, epochs)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ValueError(f"checkpoint {checkpoint} does not fit this model: {str(error).splitlines()[0]}") from None
+        result.history, start_epoch = list(state["history"]), state["epoch"]
 
     model.train()
-    lambdas = lambdas.to(x.dtype)
+    lambdas = lambdas.to(device=x.device, dtype=x.dtype)
+    parameters = list(model.parameters())
     for epoch in range(start_epoch, epochs):
         generator = epoch_generator(seed, epoch)
-        orders = [torch.randperm(x.shape[0], generator=generator)
+        orders = [torch.randperm(x.shape[0], generator=generator).to(x.device)
                   for _ in range(members if member_data == "independent" else 1)]
-        started, totals, steps = time.perf_counter(), torch.zeros(3, dtype=torch.float64), 0
+        projections = projection_generator(seed, epoch, x.device)
+        started, steps = time.perf_counter(), 0
+        totals = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss, ce, penalty: summed on the device
         batches = range(0, x.shape[0], batch_size)
         for offset in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False):
             index = torch.stack([order[offset:offset + batch_size] for order in orders])
@@ -134,7 +206,7 @@ def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: flo
             batch_y = y[index] if per_member else y[index[0]]
             if regularized:
                 logits, penalty = penalty_and_logits(model, batch_x, nproj=nproj, mode=jr_mode, target=jr_target,
-                                                     backend=backend, per_member=per_member, generator=generator,
+                                                     backend=backend, per_member=per_member, generator=projections,
                                                      check_values=False)  # the whole data set was checked above
             else:
                 logits = model.member_logits(batch_x, per_member=per_member, backend=backend) if is_ensemble \
@@ -146,21 +218,27 @@ def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: flo
                 labels = batch_y if per_member else batch_y.unsqueeze(0).expand(members, -1)
                 ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / batch_y.shape[-1]
             loss = ce + (lambdas * penalty).sum() / 2
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training diverged at epoch {epoch + 1}: loss is {loss.item()}; lower lr or jr_lambda")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            totals += torch.tensor([loss.item(), ce.item(), penalty.detach().mean().item()], dtype=torch.float64)
+            totals += torch.stack([loss.detach(), ce.detach(), penalty.detach().mean()]).to(totals.dtype)
             steps += 1
-        loss_mean, ce_mean, penalty_mean = (totals / max(steps, 1)).tolist()
+        # one host sync per epoch: the means, and whether the loss and every parameter stayed finite
+        finite = torch.stack([torch.isfinite(p).all() for p in parameters] + [torch.isfinite(totals).all()]).all()
+        *means, ok = torch.cat([totals / max(steps, 1), finite.to(totals.dtype).unsqueeze(0)]).tolist()
+        if not ok:
+            raise FloatingPointError(
+                f"training diverged in epoch {epoch + 1}: the loss or the parameters are no longer finite (NaN or "
+                f"inf); lower lr (now {lr:g}) or jr_lambda. Nothing of this epoch was saved")
+        loss_mean, ce_mean, penalty_mean = means
         result.history.append({"epoch": epoch + 1, "loss": loss_mean, "ce": ce_mean, "penalty": penalty_mean,
                                "seconds": time.perf_counter() - started})
         if progress:
             tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {loss_mean:.4f} ce {ce_mean:.4f} "
                        f"penalty {penalty_mean:.4g} ({result.history[-1]['seconds']:.1f}s)", file=sys.stderr)
         if checkpoint is not None:
-            _io.atomic_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "config": config, "history": result.history}, checkpoint)
+            _io.atomic_save({"format": _io.CHECKPOINT_FORMAT, "epoch": epoch + 1, "epochs": epochs,
+                             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
+                             "history": result.history}, checkpoint)
     model.eval()
     return result

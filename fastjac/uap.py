@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastjac import backends, engine
-from fastjac._checks import check_eps, check_inputs, check_labels
+from fastjac._checks import (check_eps, check_inputs, check_int, check_labels, check_model_input,
+                             warn_outside_unit_range)
 from fastjac.ensemble import fused_view, largest_activation
 from fastjac.ops import uap_step
 
@@ -102,33 +104,70 @@ def _broadcast(eps: list, target) -> tuple[list, list]:
     return eps, targets
 
 
+def _check_batches(model: nn.Module, batches, targets: list) -> tuple[int, int]:
+    """One pass over ``batches`` before the attack: (number of batches, classes). Shapes, dtypes and devices
+    are checked per batch on the host; the values (finite, in [0, 1], labels in range) are reduced on the
+    device and read back with ONE sync, so the attack's loop needs no check and no sync at all."""
+    if isinstance(batches, Iterator):
+        raise TypeError(f"batches must be re-iterable (a list of (x, y) pairs or a DataLoader): a one-shot "
+                        f"{type(batches).__name__} would be used up by the first epoch and the later epochs would "
+                        f"silently see no data; pass list(batches)")
+    count, classes, first_shape, reductions = 0, None, None, []
+    for x, y in batches:
+        check_inputs(x, f"batch {count} x", values=False)
+        check_labels(y, x.shape[0], None, f"batch {count} y", values=False, device=x.device)
+        if first_shape is None:
+            first_shape = tuple(x.shape[1:])
+            classes = check_model_input(model, x, f"batch {count} x")
+        elif tuple(x.shape[1:]) != first_shape:
+            raise ValueError(f"batch {count} x has sample shape {list(x.shape[1:])}, batch 0 had {list(first_shape)}")
+        low, high = torch.aminmax(x)
+        reductions.append(torch.stack([torch.isfinite(x).all().to(x.dtype), low, high,
+                                       y.min().to(x.dtype), y.max().to(x.dtype)]))
+        count += 1
+    if count == 0:
+        raise ValueError("batches yielded no data")
+    finite, low, high, label_low, label_high = torch.stack(reductions).T.tolist()  # the one sync
+    for index, (ok, lo, hi) in enumerate(zip(finite, label_low, label_high)):
+        if not ok:
+            raise ValueError(f"batch {index} x contains NaN or inf values")
+        if lo < 0 or hi >= classes:
+            raise ValueError(f"batch {index} y has labels from {lo:g} to {hi:g}; labels must be in [0, {classes}) "
+                             f"(the model's classes)")
+    warn_outside_unit_range(min(low), max(high), "batches x")
+    for value in targets:
+        if value is not None and value >= classes:
+            raise ValueError(f"target must be a class index < {classes} (the model's classes), got {value}")
+    return count, classes
+
+
 def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 12.0, step_decay: float = 0.8,
             target=None, backend: str | None = None, progress: bool = False) -> UAPResult:
     """Fit K = len(eps) (or len(target)) universal perturbations at once.
 
     Args:
         model: an nn.Module or an Ensemble (attacked through its mean logits); never modified.
-        batches: a re-iterable of (x [B,*input] in [0,1], y [B]) pairs, e.g. a DataLoader or a list.
+        batches: a re-iterable of (x [B,*input] in [0,1], y [B]) pairs, e.g. a DataLoader or a list, on the
+            model's device and in its dtype; all of it is checked in one pass before the attack.
         eps: a float or a list of floats in (0, 1]: the L-inf radius of each perturbation.
         target: None (untargeted), a class index, or a list (None entries allowed) broadcast with eps.
         beta: CE clamp; step_decay: step = eps * step_decay.
     Returns a UAPResult: ``delta`` [K, *input] and the per-batch losses.
     """
     eps, targets = _broadcast(check_eps(eps), target)
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    check_int(epochs, "epochs", 1)
     if not beta > 0 or not 0 < step_decay:
         raise ValueError(f"beta and step_decay must be > 0, got beta={beta!r}, step_decay={step_decay!r}")
+    name = backends.resolve(backend, next(model.parameters()).device.type)
+    count, _ = _check_batches(model, batches, targets)
     was_training = model.training
     model.eval()
     f = perturbed_logits(model, backend)
-    name = backends.resolve(backend, next(model.parameters()).device.type)
     delta, result, started = None, None, time.perf_counter()
     try:
         for epoch in range(epochs):
+            seen = 0
             for x, y in tqdm(batches, desc=f"SGD-UAP epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False):
-                check_inputs(x, "batch x")
-                check_labels(y, x.shape[0], None, "batch y")
                 if delta is None:
                     delta = x.new_zeros(len(eps), *x.shape[1:])
                     per_pass = perturbations_per_pass(model, x, len(eps))
@@ -137,25 +176,23 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
                     result = UAPResult(delta, eps, targets)
                     # a targeted attack descends the CE toward its class: the loss is negated
                     signs = torch.tensor([1.0 if t is None else -1.0 for t in targets], dtype=x.dtype, device=x.device)
-                if x.shape[1:] != delta.shape[1:]:
-                    raise ValueError(f"batch x has sample shape {tuple(x.shape[1:])}, the first batch had {tuple(delta.shape[1:])}")
                 labels = torch.stack([y if t is None else torch.full_like(y, t) for t in targets])  # [K, B]
                 grads, losses = [], []
                 for part in (slice(start, start + per_pass) for start in range(0, len(eps), per_pass)):
                     trial = delta[part].detach().requires_grad_(True)
                     logits = f(x, trial)  # [k*B, C]
-                    if part.start == 0 and int(labels.max()) >= logits.shape[-1]:
-                        raise ValueError(f"labels or target classes must be < {logits.shape[-1]} (the model's classes)")
                     ce = F.cross_entropy(logits, labels[part].flatten(), reduction="none").view(trial.shape[0], -1)
                     part_losses = signs[part] * ce.clamp(max=beta).mean(dim=1)  # each delta_k sees its own term
                     grads.append(torch.autograd.grad(part_losses.sum(), trial)[0])
                     losses.append(part_losses.detach())
                 delta = uap_step.sign_step(delta, torch.cat(grads), step_t, eps_t, name)
                 result.losses.append(torch.cat(losses))  # kept on the device: no sync per batch
+                seen += 1
+            if seen != count:
+                raise ValueError(f"batches yielded {count} batches when checked but {seen} in epoch {epoch + 1}: "
+                                 f"it must yield the same batches every time it is iterated")
     finally:
         model.train(was_training)
-    if delta is None:
-        raise ValueError("batches yielded no data")
     result.delta, result.seconds = delta, time.perf_counter() - started
     result.losses = torch.stack(result.losses).tolist()
     return result

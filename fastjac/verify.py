@@ -33,7 +33,10 @@ def default_backends() -> list[str]:
 
 
 def verify(arch: str = "mlp", model_path=None, members: int = 3, batch: int = 5, dtypes=(torch.float64, torch.float32),
-           names: list[str] | None = None, out=sys.stderr) -> dict:
+           names: list[str] | None = None, out=sys.stderr, device="cpu") -> dict:
+    """Every backend in ``names`` (default: ``default_backends()``) against the reference, on ``device``
+    (the ensemble, its reference members, the inputs and the projections all live there)."""
+    device = torch.device(device)
     if model_path is not None:
         model, _ = _io.load_model(model_path)
         members_list = model.members() if isinstance(model, Ensemble) else [model]
@@ -46,13 +49,13 @@ def verify(arch: str = "mlp", model_path=None, members: int = 3, batch: int = 5,
         backends.resolve(name)  # a backend named explicitly must be able to run
         worst = {}
         for dtype in dtypes:
-            plain = [copy.deepcopy(m).to(dtype) for m in members_list]
-            ensemble = Ensemble(plain).to(dtype)
-            x = x_full.to(dtype)
+            plain = [copy.deepcopy(m).to(device=device, dtype=dtype) for m in members_list]
+            ensemble = Ensemble(plain).to(device=device, dtype=dtype)
+            x = x_full.to(device=device, dtype=dtype)
             errors = {"logits": _relative_error(ensemble.member_logits(x, backend=name), reference.member_logits(plain, x))}
             for mode in ("vjp", "jvp"):
                 projections = make_projections(mode, 2, x.shape, 10, generator=torch.Generator().manual_seed(1),
-                                               dtype=dtype)
+                                               dtype=dtype).to(device)  # drawn on the CPU: the same on every device
                 for target in ("members", "ensemble"):
                     fast = jacobian_penalty(ensemble, x, mode=mode, target=target, projections=projections, backend=name)
                     functions = plain if target == "members" else [reference.ensemble_model(plain)]

@@ -1,39 +1,55 @@
-"""Test helpers shared by every test file."""
+"""Test helpers shared by every test file: backends and devices as parameters that skip with the reason
+they cannot run here, and the tolerance helpers (the comparisons themselves live in fastjac.testing,
+shared with ``verify`` and the benchmarks)."""
 import pytest
 import torch
+
+from fastjac import backends
+from fastjac.testing import assert_close, sum_tolerance  # noqa: F401 (re-exported for the tests)
 
 
 def needs_backend(name: str):
     """Skip marker for tests of one backend, with the reason it cannot run here (e.g. extension not built)."""
-    from fastjac import backends
-
     reason = backends._why_unavailable(name)
     return pytest.mark.skipif(reason is not None, reason=f"backend {name!r} unavailable: {reason}")
 
 
-def assert_close(actual, expected, *, rtol, atol, name="value"):
-    """torch.testing-style comparison whose failure names the worst index, both values, and NaN/inf mismatches."""
-    # Python numbers become float64: a float32 default would round a float64 comparison away
-    actual, expected = (v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
-                        for v in (actual, expected))
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    nonfinite = ~torch.isfinite(a) | ~torch.isfinite(e)
-    if nonfinite.any():
-        mismatch = nonfinite & ~((a == e) | (torch.isnan(a) & torch.isnan(e)))
-        assert not mismatch.any(), (
-            f"{name}: NaN/inf disagreement at {mismatch.nonzero()[0].tolist()}: "
-            f"{a[mismatch][0].item()} vs {e[mismatch][0].item()}"
-        )
-    error = (a - e).abs().nan_to_num(0.0)
-    allowed = atol + rtol * e.abs().nan_to_num(0.0)
-    excess = error - allowed
-    if (excess > 0).any():
-        worst = int(excess.flatten().argmax())
-        index = list(torch.unravel_index(torch.tensor(worst), a.shape)) if a.dim() else []
-        index = [int(i) for i in index]
-        raise AssertionError(
-            f"{name}: {int((excess > 0).sum())} of {a.numel()} elements differ; worst at {index}: "
-            f"{a.flatten()[worst].item():.10g} vs expected {e.flatten()[worst].item():.10g} "
-            f"(|diff| {error.flatten()[worst].item():.3g} > allowed {allowed.flatten()[worst].item():.3g})"
-        )
+def _device_of(name: str) -> str:
+    """Where a backend's kernels run: 'cpp' on the CPU, 'cuda' on a GPU, 'triton' on a GPU or, without one,
+    on the CPU through the interpreter (tests only), 'torch' on the CPU (see ``backend_devices`` for GPU)."""
+    if name == "cuda" or (name == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def backend_devices(names=backends.NAMES, *, interpreter_skip: str | None = None):
+    """pytest params (backend, device) for every backend in ``names`` on its device, plus 'torch' on a
+    CUDA device; each that cannot run here is a skip naming the reason. ``interpreter_skip``: Triton on
+    the CPU interpreter is a skip too, for this reason (e.g. in a benchmark)."""
+    pairs = []
+    for name in names:
+        pairs.append((name, _device_of(name)))
+        if name == "torch":
+            pairs.append(("torch", "cuda"))
+    params = []
+    for name, device in pairs:
+        reason = backends._why_unavailable(name)
+        if reason is None and device == "cuda" and not torch.cuda.is_available():
+            reason = "no CUDA device"
+        if reason is None and interpreter_skip and interpreted(name, device):
+            reason = interpreter_skip
+        marks = pytest.mark.skip(reason=f"{name} on {device}: {reason}") if reason else ()
+        params.append(pytest.param(name, device, marks=marks, id=f"{name}-{device}"))
+    return params
+
+
+def interpreted(backend: str, device: str) -> bool:
+    """True for Triton kernels running in the CPU interpreter: tests keep to small shapes there."""
+    return backend == "triton" and device == "cpu"
+
+
+def close(actual, expected, dtype, length: int = 1, factor: float = 4.0, name: str = "value"):
+    """``actual`` against a float64 ``expected`` with ``sum_tolerance(dtype, length)``: a value that sums
+    ``length`` O(1) terms (1 for elementwise results)."""
+    tolerance = sum_tolerance(dtype, length, factor)
+    assert_close(actual, expected, rtol=tolerance, atol=tolerance, name=name)

@@ -197,11 +197,42 @@ def test_mnist_not_found_lists_dirs(tmp_path):
 
 def test_fashion_not_found_suggests_apt(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian")
-    monkeypatch.setenv("FASTJAC_DATA", str(tmp_path / "env"))
+    monkeypatch.delenv("FASTJAC_DATA", raising=False)
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist") as e:
         load("fashion-mnist", "test")
-    assert str(tmp_path / "env" / "FashionMNIST" / "raw") in str(e.value)
     assert str(tmp_path / "no-debian") in str(e.value)
+
+
+# ------------------------------------------------- an explicit root is used or fails (issue 16 item 9)
+
+def test_env_var_at_a_missing_directory_fails_instead_of_loading_debian(tmp_path, monkeypatch):
+    """Debian's Fashion-MNIST exists on this machine: a silent fallback would return it."""
+    assert data.DEBIAN_DIR.is_dir(), "the fallback this test guards against needs Debian's copy"
+    monkeypatch.setenv("FASTJAC_DATA", str(tmp_path / "missing"))
+    with pytest.raises(DataError, match=r"missing.*FASTJAC_DATA.*does not exist"):
+        load("fashion-mnist", "test")
+
+
+def test_env_var_without_the_test_files_fails_instead_of_loading_debian(tmp_path, monkeypatch):
+    write_split(tmp_path, "train", n=3)  # the train split only
+    monkeypatch.setenv("FASTJAC_DATA", str(tmp_path))
+    assert load("fashion-mnist", "train")[0].shape == (3, 1, 28, 28)
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.*not found") as e:
+        load("fashion-mnist", "test")
+    assert str(data.DEBIAN_DIR) not in str(e.value)
+
+
+def test_root_argument_at_a_missing_directory_names_it(tmp_path):
+    with pytest.raises(DataError, match=r"nowhere.*root=.*does not exist"):
+        load("fashion-mnist", "test", root=tmp_path / "nowhere")
+
+
+def test_root_argument_wins_over_the_env_var(tmp_path, monkeypatch):
+    write_split(tmp_path / "a", "test", n=2)
+    write_split(tmp_path / "b", "test", n=5)
+    monkeypatch.setenv("FASTJAC_DATA", str(tmp_path / "b"))
+    assert load("mnist", "test", root=tmp_path / "a")[0].shape[0] == 2
+    assert load("mnist", "test")[0].shape[0] == 5
 
 
 def test_only_images_present_is_not_found(tmp_path):

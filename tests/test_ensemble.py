@@ -3,7 +3,6 @@ import pytest
 import torch
 from torch import nn
 
-import fastjac
 from fastjac import Ensemble, backends, models
 
 
@@ -119,4 +118,3 @@ def test_available_lists_torch_first_and_only_known_names():
     names = backends.available()
     assert names[0] == "torch"
     assert set(names) <= set(backends.NAMES)
-    assert fastjac.backends is backends

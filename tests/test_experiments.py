@@ -3,6 +3,8 @@ import json
 
 import pytest
 
+from fastjac import _io, models
+from fastjac.cli import main
 from fastjac.experiments import PRESETS, configurations, reproduce
 
 KINDS = {"baseline", "jr", "ensemble", "jacobian-ensemble"}
@@ -36,13 +38,24 @@ def test_smoke_outputs_and_schema(smoke_run):
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert set(row["uap_accuracy"]) == eps_keys
         assert 0.3 < row["clean_accuracy"] <= 1  # real data, learned something in one short epoch
-        for key in eps_keys:
-            assert row["evasion_rate"][key] == pytest.approx(1 - row["uap_accuracy"][key])
         assert (out / "uaps" / f"{row['name']}-seed{row['seed']}.png").is_file()
     assert on_disk["environment"]["torch"] and on_disk["study"]["preset"] == "smoke"
     assert (out / "tradeoff.png").stat().st_size > 1000
     table = (out / "results.md").read_text()
     assert all(row["name"] in table for row in on_disk["rows"])
+
+
+def test_evaluate_reads_the_uap_files_reproduce_writes(smoke_run, tmp_path, capsys):
+    """One UAP format: `evaluate --uap` reads reproduce's files (it could not read the bare tensors)."""
+    out, results = smoke_run
+    row = results["rows"][0]
+    uap = out / "uaps" / f"{row['name']}-seed{row['seed']}.pt"
+    record = _io.load_uap(uap)
+    assert record["eps"] == list(PRESETS["smoke"].eps) and record["targets"] == [None] * len(record["eps"])
+    model = tmp_path / "m.pt"
+    _io.save_model(models.build("mlp"), model, arch="mlp")
+    assert main(["evaluate", "--model", str(model), "--uap", str(uap)]) == 0
+    assert len(json.loads(capsys.readouterr().out)["uap_accuracy"]) == len(record["eps"])
 
 
 def test_rerun_skips_finished_configurations(smoke_run):
@@ -69,4 +82,4 @@ def test_unknown_preset_and_arch():
     with pytest.raises(ValueError, match="preset"):
         reproduce(preset="huge", out="unused")
     with pytest.raises(ValueError, match="architecture"):
-        reproduce(arch="resnet", out="unused")
+        reproduce(arch="vgg", out="unused")

@@ -12,16 +12,34 @@ import torch
 from torch import nn
 
 from fastjac import Ensemble
-from fastjac.jacobian import penalty_and_logits
+from fastjac.jacobian import make_projections, penalty_and_logits
 from fastjac.ops import linear_chain
-from tests.helpers import assert_close
-from tests.test_engine import (BACKENDS, F64, RTOL64, assert_grads_close, assert_penalty_matches_reference,
-                               engine_grads, make_input, make_projections, upstream)
+from fastjac.testing import (RTOL64, assert_close, assert_grads_close, assert_penalty_matches_reference, stacked_grads,
+                             upstream_weights)
+from tests.helpers import backend_devices
 
+F64 = torch.float64
+BACKENDS = backend_devices()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def chain_inputs(members, widths, batch, relus, biases, per_member, seed=0, margin=1e-3):
+def needs_chain(backend, backends, name):
+    """Skip, naming the reason, where the chain Function does not run (``linear_chain.<name>``)."""
+    if backend not in backends:
+        pytest.skip(f"the chain Function does not run on {backend!r} (linear_chain.{name} = {backends})")
+
+
+def make_input(batch, dtype=F64, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 1, 28, 28, generator=g, dtype=dtype).to(device)
+
+
+def projections_for(mode, nproj, x, classes, seed=2):
+    return make_projections(mode, nproj, x.shape, classes, generator=torch.Generator().manual_seed(seed),
+                            dtype=x.dtype).to(x.device)
+
+
+def chain_inputs(members, widths, batch, relus, biases, per_member, seed=0, margin=1e-3, device="cpu"):
     """x, weights, biases in float64 whose primal pre-activations all stay ``margin`` away from the ReLU
     kink, so gradcheck's perturbations (1e-6) never cross it."""
     for attempt in range(seed, seed + 1000):
@@ -37,24 +55,25 @@ def chain_inputs(members, widths, batch, relus, biases, per_member, seed=0, marg
             closest = min(closest, float(h.abs().min()))
             h = h.relu() if relu else h
         if closest > margin:
-            return x, weights, bias_list
+            return x.to(device), [w.to(device) for w in weights], [None if b is None else b.to(device) for b in bias_list]
     raise AssertionError("no seed kept the pre-activations away from the ReLU kink")
 
 
-@pytest.mark.parametrize("backend", [name for name in BACKENDS if name in linear_chain.JR_BACKENDS])
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
 @pytest.mark.parametrize("target", ["members", "ensemble"])
 @pytest.mark.parametrize("per_member", [False, True])
 @pytest.mark.parametrize("relus,biases", [((True, False), (True, True)), ((False, True, True), (False, True, False))])
-def test_gradcheck_float64(backend, mode, target, per_member, relus, biases):
+def test_gradcheck_float64(backend, device, mode, target, per_member, relus, biases):
     """On 'cpp' the products are the extension's member-parallel ones (rows split into blocks when the
     tests run with several threads: see test_member_parallel_products_match_aten)."""
+    needs_chain(backend, linear_chain.JR_BACKENDS, "JR_BACKENDS")
     members, batch, nproj = 2, 3, 2
     widths = (4, 5, 3) if len(relus) == 2 else (4, 3, 5, 3)
-    x, weights, bias_list = chain_inputs(members, widths, batch, relus, biases, per_member)
+    x, weights, bias_list = chain_inputs(members, widths, batch, relus, biases, per_member, device=device)
     g = torch.Generator().manual_seed(7)
     projections = (torch.randn(nproj, batch, widths[-1], generator=g, dtype=F64) if mode == "vjp"
-                   else torch.randn(nproj, batch, widths[0], generator=g, dtype=F64))
+                   else torch.randn(nproj, batch, widths[0], generator=g, dtype=F64)).to(device)
     spec = linear_chain.ChainSpec(mode, target, relus, biases, 0.7, backend)
     params = [p.requires_grad_() for p in weights + [b for b in bias_list if b is not None]]
     count = len(weights)
@@ -79,18 +98,20 @@ def single_linear():
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 3))
 
 
-@pytest.mark.parametrize("backend", [name for name in BACKENDS if name in linear_chain.JR_BACKENDS])
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("build", [odd_chain, single_linear])
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
 @pytest.mark.parametrize("target", ["members", "ensemble"])
-def test_chains_match_reference_float64(backend, build, mode, target):
+def test_chains_match_reference_float64(backend, device, build, mode, target):
+    needs_chain(backend, linear_chain.JR_BACKENDS, "JR_BACKENDS")
     torch.manual_seed(0)
-    mods = [build().to(F64).eval() for _ in range(3)]
+    mods = [build().to(device, F64).eval() for _ in range(3)]
     ensemble = Ensemble(copy.deepcopy(mods)).eval()
-    x = make_input(4)
+    x = make_input(4, device=device)
     classes = mods[0][-1].out_features if isinstance(mods[0][-1], nn.Linear) else mods[0][-2].out_features
-    value = assert_penalty_matches_reference(mods, ensemble, x, mode, target,
-                                             make_projections(mode, 2, x, classes), backend, build.__name__)
+    value = assert_penalty_matches_reference(ensemble, mods, x, mode=mode, target=target,
+                                             projections=projections_for(mode, 2, x, classes), backend=backend,
+                                             label=build.__name__)
     assert "ChainPenaltyBackward" in _grad_fn_names(value)
 
 
@@ -113,12 +134,12 @@ def test_mlp_takes_the_chain_path_and_the_engine_path_agrees(monkeypatch, mode):
                           nn.Linear(5, 10)).to(F64) for _ in range(3)]
     ensemble = Ensemble(mods).eval()
     x = make_input(3)
-    projections = make_projections(mode, 2, x, 10)
+    projections = projections_for(mode, 2, x, 10)
 
     def run():
         logits, penalty = penalty_and_logits(ensemble, x, mode=mode, projections=projections, backend="torch")
-        value = (upstream(3, F64) * penalty).sum() + logits.square().mean()
-        return logits, penalty, engine_grads(ensemble, value), _grad_fn_names(penalty)
+        value = (upstream_weights(3) * penalty).sum() + logits.square().mean()
+        return logits, penalty, stacked_grads(ensemble, value), _grad_fn_names(penalty)
 
     logits, penalty, grads, names = run()
     assert "ChainPenaltyBackward" in names
@@ -137,7 +158,7 @@ def test_input_that_requires_grad_takes_the_engine():
     ensemble = Ensemble([nn.Sequential(nn.Flatten(), nn.Linear(784, 5), nn.ReLU(), nn.Linear(5, 3)).to(F64)
                          for _ in range(2)]).eval()
     x = make_input(2).requires_grad_()
-    logits, penalty = penalty_and_logits(ensemble, x, mode="jvp", projections=make_projections("jvp", 1, x, 3),
+    logits, penalty = penalty_and_logits(ensemble, x, mode="jvp", projections=projections_for("jvp", 1, x, 3),
                                          backend="torch")
     assert "ChainPenaltyBackward" not in _grad_fn_names(penalty)
     (grad,) = torch.autograd.grad(logits.sum(), x)
@@ -196,13 +217,14 @@ def test_member_parallel_products_reject_bad_shapes():
 
 
 
-@pytest.mark.parametrize("backend", [name for name in BACKENDS if name in linear_chain.JR_BACKENDS])
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("per_member", [False, True])
 @pytest.mark.parametrize("relus,biases", [((True, False), (True, True)), ((False, True, True), (False, True, False))])
-def test_chain_logits_gradcheck_float64(backend, per_member, relus, biases):
+def test_chain_logits_gradcheck_float64(backend, device, per_member, relus, biases):
+    needs_chain(backend, linear_chain.JR_BACKENDS, "JR_BACKENDS")
     members, batch = 2, 3
     widths = (4, 5, 3) if len(relus) == 2 else (4, 3, 5, 3)
-    x, weights, bias_list = chain_inputs(members, widths, batch, relus, biases, per_member)
+    x, weights, bias_list = chain_inputs(members, widths, batch, relus, biases, per_member, device=device)
     params = [p.requires_grad_() for p in weights + [b for b in bias_list if b is not None]]
     count = len(weights)
 
@@ -213,21 +235,22 @@ def test_chain_logits_gradcheck_float64(backend, per_member, relus, biases):
     assert torch.autograd.gradcheck(f, params)
 
 
-@pytest.mark.parametrize("backend", [name for name in BACKENDS if name in linear_chain.PLAIN_BACKENDS])
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("per_member", [False, True])
-def test_plain_pass_takes_the_chain_and_matches_the_engine_and_the_members(monkeypatch, backend, per_member):
+def test_plain_pass_takes_the_chain_and_matches_the_engine_and_the_members(monkeypatch, backend, device, per_member):
     """A plain training pass of an MLP on a PLAIN_BACKENDS backend runs ChainLogits; its logits and
     parameter gradients equal the layer-by-layer engine's and the unstacked members'."""
+    needs_chain(backend, linear_chain.PLAIN_BACKENDS, "PLAIN_BACKENDS")
     torch.manual_seed(0)
     mods = [nn.Sequential(nn.Flatten(), nn.Linear(784, 6, bias=False), nn.ReLU(), nn.Identity(), nn.Linear(6, 5),
-                          nn.Flatten(), nn.Linear(5, 4), nn.ReLU()).to(F64) for _ in range(3)]
+                          nn.Flatten(), nn.Linear(5, 4), nn.ReLU()).to(device, F64) for _ in range(3)]
     ensemble = Ensemble(copy.deepcopy(mods)).train()
-    x = torch.rand(3, 4, 1, 28, 28, dtype=F64) if per_member else make_input(4)
+    x = torch.rand(3, 4, 1, 28, 28, dtype=F64, device=device) if per_member else make_input(4, device=device)
 
     def run():
         logits = ensemble.member_logits(x, per_member=per_member, backend=backend)
-        value = (upstream(3, F64).view(-1, 1, 1) * logits.square()).sum()
-        return logits, engine_grads(ensemble, value), _grad_fn_names(logits)
+        value = (upstream_weights(3).to(device).view(-1, 1, 1) * logits.square()).sum()
+        return logits, stacked_grads(ensemble, value), _grad_fn_names(logits)
 
     logits, grads, names = run()
     assert "ChainLogitsBackward" in names

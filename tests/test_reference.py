@@ -93,13 +93,12 @@ def test_vjp_basis_equals_exact_values_and_grads(arch):
 
 
 # -------------------------------------------------------------------------------- explicit projections
-def test_vjp_explicit_projection_reproducible_and_matches_manual():
+def test_vjp_explicit_projection_matches_manual():
     f, x = tiny_mlp(), torch.rand(3, 12, dtype=F64)
     g = torch.Generator().manual_seed(5)
     v = reference.sphere_projections(1, 3, CLASSES, generator=g, dtype=F64)
     assert_close(v.norm(dim=-1), torch.ones(1, 3, dtype=F64), rtol=0, atol=1e-14, name="unit rows")
-    first, second = reference.penalty_vjp(f, x, v), reference.penalty_vjp(f, x, v)
-    assert torch.equal(first, second), "same v must give the same value, bit for bit"
+    first = reference.penalty_vjp(f, x, v)
 
     # manual: C * ||v^T J||^2 averaged over the batch, v^T J by one autograd.grad with v as grad_outputs
     xg = x.clone().requires_grad_(True)
@@ -109,13 +108,12 @@ def test_vjp_explicit_projection_reproducible_and_matches_manual():
     assert_grads_close(param_grads(first, f), param_grads(manual, f), "penalty_vjp(v)")
 
 
-def test_jvp_explicit_projection_reproducible_and_matches_manual():
+def test_jvp_explicit_projection_matches_manual():
     f, x = tiny_mlp(), torch.rand(3, 12, dtype=F64)
     g = torch.Generator().manual_seed(6)
     u = reference.gaussian_projections(1, x.shape, generator=g, dtype=F64)
     assert u.shape == (1, 3, 12)
-    first, second = reference.penalty_jvp(f, x, u), reference.penalty_jvp(f, x, u)
-    assert torch.equal(first, second), "same u must give the same value, bit for bit"
+    first = reference.penalty_jvp(f, x, u)
 
     # manual: ||J u||^2 averaged over the batch, J u by torch.autograd.functional.jvp (the double-backward
     # trick, independent of torch.func's forward mode used by the reference)
@@ -252,20 +250,47 @@ def test_uap_loss_definition():
 
 
 # ------------------------------------------------------------------------------------------- evaluate
-def test_evaluate_metrics_consistent(trained_mlp):
+class PixelClassifier(torch.nn.Module):
+    """Predicts class floor(10 * x[:, 0, 0, 0]) (clamped to 0..9) with one-hot logits: every prediction, and
+    so every metric, can be counted by hand. Inputs sit at 0.05 + 0.1 i and perturbations move them by
+    multiples of 0.1, so no value comes near a class boundary."""
+
+    def forward(self, x):
+        classes = (10 * x[:, 0, 0, 0]).floor().clamp(0, 9).long()
+        return F.one_hot(classes, 10).to(x.dtype)
+
+
+def hand_counted_case(dtype=F64):
+    """(x [10,1,28,28], y [10], delta [3,1,28,28], expected metrics) for PixelClassifier.
+
+    Clean predictions are 0..9; y = [0,1,2,3,4,9,9,9,9,9]: 6 of 10 correct.
+    delta 0 (+0.1 at the pixel): predictions 1..9,9 -> right only at i = 8, 9 (2/10); 9 of 10 change.
+    delta 1 (-0.2): predictions 0,0,0,1,..,7 -> right only at i = 0 (1/10); 9 of 10 change.
+    delta 2 (+0.3 on another pixel): nothing changes -> 6/10, no prediction changes."""
+    x = torch.zeros(10, 1, 28, 28, dtype=dtype)
+    x[:, 0, 0, 0] = 0.05 + 0.1 * torch.arange(10, dtype=dtype)
+    y = torch.tensor([0, 1, 2, 3, 4, 9, 9, 9, 9, 9])
+    delta = torch.zeros(3, 1, 28, 28, dtype=dtype)
+    delta[0, 0, 0, 0], delta[1, 0, 0, 0], delta[2, 0, 5, 5] = 0.1, -0.2, 0.3
+    expected = {"clean_accuracy": 0.6, "uap_accuracy": [0.2, 0.1, 0.6], "evasion_rate": [0.8, 0.9, 0.4],
+                "fooling_rate": [0.9, 0.9, 0.0]}
+    return x, y, delta, expected
+
+
+def test_evaluate_counts_by_hand():
+    x, y, delta, expected = hand_counted_case()
+    metrics = reference.evaluate(PixelClassifier(), x, y, delta)
+    assert metrics.keys() == expected.keys()
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-12), key
+    assert reference.evaluate(PixelClassifier(), x, y)["uap_accuracy"] == []
+
+
+def test_evaluate_on_a_trained_model(trained_mlp):
     model, batches, x_test, y_test = trained_mlp
     delta, _ = reference.sgd_uap(model, batches[:2], 0.1, epochs=1)
-    deltas = torch.stack([torch.zeros_like(delta), delta])
-    metrics = reference.evaluate(model, x_test, y_test, deltas)
-    assert set(metrics) == {"clean_accuracy", "uap_accuracy", "evasion_rate", "fooling_rate"}
-    assert len(metrics["uap_accuracy"]) == 2
-    for accuracy, evasion in zip(metrics["uap_accuracy"], metrics["evasion_rate"]):
-        assert evasion == pytest.approx(1.0 - accuracy, abs=1e-15)
+    metrics = reference.evaluate(model, x_test, y_test, torch.stack([torch.zeros_like(delta), delta]))
     # delta = 0: clamp(x, 0, 1) = x, so nothing changes
     assert metrics["fooling_rate"][0] == 0.0
     assert metrics["uap_accuracy"][0] == metrics["clean_accuracy"]
-    with torch.no_grad():
-        clean = (model(x_test).argmax(1) == y_test).double().mean().item()
-    assert metrics["clean_accuracy"] == pytest.approx(clean, abs=1e-15)
     assert 0.5 < metrics["clean_accuracy"] <= 1.0, "the fixture model should have learned something"
-    assert reference.evaluate(model, x_test, y_test)["uap_accuracy"] == []

@@ -1,4 +1,5 @@
-"""stacked_linear: torch launchers vs a plain float64 per-member reference, cpp launchers vs torch, gradcheck.
+"""stacked_linear on every backend (torch, cpp, triton, cuda) and device: launchers against a plain float64
+per-member reference, float64 gradcheck of the autograd Function, the cpp errors.
 
 Shapes: x [R, IN] shared or [M, R, IN] per member, R = S*B (stream s = rows [s*B, (s+1)*B)); weight
 [M, OUT, IN]; bias [M, OUT]; out [M, R, OUT]; mask [M, B*OUT].
@@ -8,17 +9,17 @@ import torch
 
 import fastjac
 from fastjac.ops import stacked_linear as sl
-
-from tests.helpers import needs_backend
-
-needs_cpp = needs_backend("cpp")
+from tests.helpers import backend_devices, close, interpreted, needs_backend
 
 F64, F32 = torch.float64, torch.float32
+BACKENDS = backend_devices()
 IN = 6
 
 # (M, B, S, OUT): odd sizes, M 1 and 4, batch 1 and 3, one and three streams, OUT 5 and 7. The last case
-# has 38400 output elements, above the C++ epilogue's parallel threshold.
+# has 38400 output elements, above the C++ epilogue's parallel threshold (too many for the Triton
+# interpreter).
 CASES = [(1, 1, 1, 5), (4, 3, 3, 7), (4, 1, 3, 5), (1, 3, 3, 7), (4, 3, 1, 5), (2, 64, 3, 100)]
+INTERPRETER_OUTPUTS = 2048
 
 
 def primal_preactivation(x, weight, bias, streams):
@@ -28,7 +29,7 @@ def primal_preactivation(x, weight, bias, streams):
     return y if bias is None else y + bias.to(F64).unsqueeze(1)
 
 
-def make_inputs(case, shared, has_bias, dtype, margin=1e-4, seed=0):
+def make_inputs(case, shared, has_bias, dtype, margin=1e-4, seed=0, device="cpu"):
     """Random x, weight, bias (float64 rounded to dtype) whose primal pre-activations are all at least
     ``margin`` from the ReLU kink, by trying seeds in turn: float32 rounding (~1e-6 here) then cannot flip
     the mask, and gradcheck's perturbations (1e-6) cannot cross it."""
@@ -39,7 +40,7 @@ def make_inputs(case, shared, has_bias, dtype, margin=1e-4, seed=0):
         weight = torch.randn(m, out, IN, generator=g, dtype=F64).to(dtype)
         bias = torch.randn(m, out, generator=g, dtype=F64).to(dtype) if has_bias else None
         if primal_preactivation(x, weight, bias, s).abs().min() > margin:
-            return x, weight, bias
+            return x.to(device), weight.to(device), None if bias is None else bias.to(device)
     raise AssertionError("no seed kept the pre-activations away from the ReLU kink")
 
 
@@ -60,18 +61,6 @@ def reference(x, weight, bias, streams, relu):
     return torch.stack(outs), torch.stack(masks) if relu else None
 
 
-def tol(dtype, length=1):
-    """float64: 1e-10. float32 against float64: 4 * eps32 * L, L the reduction length of the value (IN for
-    out, R for grad_weight, M*OUT or OUT for grad_x, B for grad_bias): the rounding error of a float32
-    dot product grows about linearly with L for O(1) terms."""
-    return 1e-10 if dtype == F64 else 4 * torch.finfo(F32).eps * length
-
-
-def close(actual, expected, dtype, length=1):
-    t = tol(dtype, length)
-    torch.testing.assert_close(actual.to(F64), expected.to(F64), rtol=t, atol=t)
-
-
 def run_launchers(backend, x, weight, bias, streams, relu, upstream, needs_x_grad=True):
     forward, backward = sl.launchers(backend)
     out, mask = forward(x, weight, bias, streams, relu)
@@ -80,104 +69,91 @@ def run_launchers(backend, x, weight, bias, streams, relu, upstream, needs_x_gra
 
 
 def reduction_lengths(x, weight, streams):
+    """The number of terms each output sums (its float32 error grows with it): IN for out, the members'
+    outputs for a shared x's gradient, the rows for grad_weight, the primal rows for grad_bias."""
     m, out, fan_in = weight.shape
     rows = x.shape[-2]
     return {"out": fan_in, "mask": 1, "grad_x": m * out if x.dim() == 2 else out, "grad_weight": rows,
             "grad_bias": rows // streams}
 
 
+def skip_if_too_large(backend, device, case):
+    m, b, s, out = case
+    if interpreted(backend, device) and m * b * s * out > INTERPRETER_OUTPUTS:
+        pytest.skip(f"{m * b * s * out} outputs: too many for the Triton CPU interpreter")
+
+
 NAMES = ("out", "mask", "grad_x", "grad_weight", "grad_bias")
 
-grid = pytest.mark.parametrize(
-    "case,shared,has_bias,relu,dtype",
-    [(c, sh, b, r, d) for c in CASES for sh in (True, False) for b in (True, False) for r in (True, False)
-     for d in (F64, F32)],
-)
 
-
-@grid
-def test_torch_launchers_match_reference(case, shared, has_bias, relu, dtype):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_member"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_launchers_match_reference(backend, device, case, shared, has_bias, relu, dtype):
+    skip_if_too_large(backend, device, case)
     streams = case[2]
-    x, weight, bias = make_inputs(case, shared, has_bias, dtype)
-    leaves = [t.to(F64).requires_grad_() for t in (x, weight)] + ([bias.to(F64).requires_grad_()] if has_bias else [])
+    x, weight, bias = make_inputs(case, shared, has_bias, dtype, device=device)
+    leaves = [t.cpu().to(F64).requires_grad_() for t in (x, weight)]
+    leaves += [bias.cpu().to(F64).requires_grad_()] if has_bias else []
     ref_out, ref_mask = reference(*leaves[:2], leaves[2] if has_bias else None, streams, relu)
     upstream = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
     ref_grads = torch.autograd.grad(ref_out, leaves, upstream)
     expected = dict(zip(NAMES, (ref_out.detach(), ref_mask, *ref_grads, *([None] if not has_bias else []))))
 
-    actual = dict(zip(NAMES, run_launchers("torch", x, weight, bias, streams, relu, upstream.to(dtype))))
+    actual = dict(zip(NAMES, run_launchers(backend, x, weight, bias, streams, relu, upstream.to(device, dtype))))
     lengths = reduction_lengths(x, weight, streams)
     for name in NAMES:
         assert (actual[name] is None) == (expected[name] is None), name
-        if name == "mask" and relu:
-            assert torch.equal(actual[name], expected[name])
-        elif expected[name] is not None:
-            assert actual[name].shape == expected[name].shape, name
-            close(actual[name], expected[name], dtype, lengths[name])
-
-
-@needs_cpp
-@grid
-def test_cpp_launchers_match_torch(case, shared, has_bias, relu, dtype):
-    streams = case[2]
-    x, weight, bias = make_inputs(case, shared, has_bias, dtype)
-    m, b, s, out = case
-    upstream = torch.randn(m, s * b, out, generator=torch.Generator().manual_seed(1), dtype=F64).to(dtype)
-    expected = run_launchers("torch", x, weight, bias, streams, relu, upstream)
-    actual = run_launchers("cpp", x, weight, bias, streams, relu, upstream)
-
-    lengths = reduction_lengths(x, weight, streams)
-    for name, a, e in zip(NAMES, actual, expected):
-        assert (a is None) == (e is None), name
-        if e is None:
+        if expected[name] is None:
             continue
-        assert a.shape == e.shape and a.dtype == e.dtype and a.is_contiguous(), name
+        assert actual[name].shape == expected[name].shape and actual[name].is_contiguous(), name
         if name == "mask":
-            assert torch.equal(a, e)
+            assert actual[name].dtype == torch.bool and torch.equal(actual[name].cpu(), expected[name])
         else:
-            close(a, e, dtype, lengths[name])
+            assert actual[name].dtype == dtype, name
+            close(actual[name], expected[name], dtype, lengths[name], name=name)
 
 
-@needs_cpp
-@pytest.mark.parametrize("shared", [True, False])
-def test_cpp_skips_grad_x_when_not_needed(shared):
-    x, weight, bias = make_inputs((4, 3, 3, 5), shared, True, F64)
-    upstream = torch.randn(4, 9, 5, dtype=F64)
-    actual = run_launchers("cpp", x, weight, bias, 3, True, upstream, needs_x_grad=False)
-    expected = run_launchers("torch", x, weight, bias, 3, True, upstream, needs_x_grad=False)
-    assert actual[2] is None and expected[2] is None
-    close(actual[3], expected[3], F64)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_member"])
+def test_backward_skips_grad_x_when_not_needed(backend, device, shared):
+    x, weight, bias = make_inputs((4, 3, 3, 5), shared, True, F64, device=device)
+    upstream = torch.randn(4, 9, 5, dtype=F64, device=device)
+    without = run_launchers(backend, x, weight, bias, 3, True, upstream, needs_x_grad=False)
+    with_x = run_launchers(backend, x, weight, bias, 3, True, upstream, needs_x_grad=True)
+    assert without[2] is None and with_x[2] is not None
+    close(without[3], with_x[3], F64, name="grad_weight")
 
 
-BACKENDS = ["torch", pytest.param("cpp", marks=needs_cpp)]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("has_bias", [True, False])
-@pytest.mark.parametrize("shared", [True, False])
-def test_gradcheck(backend, relu, has_bias, shared):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_member"])
+def test_gradcheck_float64(backend, device, relu, has_bias, shared):
     streams = 3
-    x, weight, bias = make_inputs((4, 1, streams, 5), shared, has_bias, F64, margin=1e-3)
+    x, weight, bias = make_inputs((4, 1, streams, 5), shared, has_bias, F64, margin=1e-3, device=device)
     inputs = (x.requires_grad_(), weight.requires_grad_()) + ((bias.requires_grad_(),) if has_bias else ())
 
     def f(x, weight, bias=None):
         return sl.stacked_linear(x, weight, bias, streams, relu, backend)[0]
 
-    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=interpreted(backend, device))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_autograd_without_x_grad(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_autograd_without_x_grad(backend, device):
     """x that needs no gradient (an input batch): grad_x is not computed, weight and bias still get theirs."""
-    x, weight, bias = make_inputs((4, 3, 3, 5), True, True, F64)
+    x, weight, bias = make_inputs((4, 3, 3, 5), True, True, F64, device=device)
     weight.requires_grad_()
     bias.requires_grad_()
     sl.stacked_linear(x, weight, bias, 3, True, backend)[0].square().sum().backward()
     assert x.grad is None and weight.grad is not None and bias.grad is not None
 
 
-@needs_cpp
+@needs_backend("cpp")
 @pytest.mark.parametrize(
     "call,argument",
     [

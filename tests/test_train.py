@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastjac import Ensemble, jacobian_penalty, models, reference, train
-from fastjac.train import epoch_generator
+from fastjac.train import epoch_generator, projection_generator
 from tests.helpers import assert_close
 
 
@@ -47,7 +47,8 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(fashion, tmp_path):
     train(first_half, (x, y), epochs=1, checkpoint=checkpoint_b, **RESUME_SETTINGS)
     # a fresh ensemble with other initial weights: everything must come from the checkpoint
     resumed = small_ensemble(seed=123)
-    result_b = train(resumed, (x, y), epochs=2, checkpoint=checkpoint_b, **RESUME_SETTINGS)
+    with pytest.warns(UserWarning, match="written by a run of 1 epochs, this run trains to epoch 2"):
+        result_b = train(resumed, (x, y), epochs=2, checkpoint=checkpoint_b, **RESUME_SETTINGS)
     assert [epoch["epoch"] for epoch in result_b.history] == [1, 2]
     assert result_b.history[0]["loss"] == result_a.history[0]["loss"]
 
@@ -135,8 +136,8 @@ def test_targets_and_modes_decrease_the_loss(fashion, jr_target, jr_mode):
 def test_steps_equal_manual_adam_on_the_design_loss(fashion, jr_target, jr_mode, jr_lambda):
     """Three Adam steps of train() equal three steps of a hand-written loop on the reference loss
     (DESIGN.md: members sum_m [CE(f_m) + lambda_m/2 ||J_m||^2]; ensemble CE(mean f) + lambda/2 ||J_ens||^2),
-    with the same data order and projections (drawn from the epoch generator in train()'s order: the
-    permutation, then one projection draw per batch). float64: the two sides differ only by rounding, and
+    with the same data order (the epoch's CPU generator) and projections (the epoch's projection generator
+    on the data's device, one draw per batch). float64: the two sides differ only by rounding, and
     several Adam steps make the result depend on gradient magnitudes, not just signs."""
     x, y = fashion[0][:48].double(), fashion[1][:48]
     torch.manual_seed(0)
@@ -147,8 +148,8 @@ def test_steps_equal_manual_adam_on_the_design_loss(fashion, jr_target, jr_mode,
 
     params = [p for member in members for p in member.parameters()]
     optimizer = torch.optim.Adam(params, lr=1e-2)
-    g = epoch_generator(5, 0)
-    order = torch.randperm(48, generator=g)
+    order = torch.randperm(48, generator=epoch_generator(5, 0))
+    g = projection_generator(5, 0, x.device)
     estimator = reference.penalty_vjp if jr_mode == "vjp" else reference.penalty_jvp
     for start in range(0, 48, 16):
         bx, by = x[order[start:start + 16]], y[order[start:start + 16]]

@@ -164,7 +164,7 @@ def test_nan_in_batch_raises(batches64):
     x, y = batches64[1]
     x = x.clone()
     x[0, 0, 3, 3] = float("nan")
-    with pytest.raises(ValueError, match="batch x contains NaN"):
+    with pytest.raises(ValueError, match="batch 1 x contains NaN"):
         sgd_uap(module, [batches64[0], (x, y)], eps=0.1, epochs=1)
 
 

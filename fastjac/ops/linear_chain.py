@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastjac.ops import native
 from fastjac.ops.stacked_linear import stacked_product
 
 # Where the chain Functions run (the engine and jacobian ask here). The JR Function pays off on every
@@ -80,39 +81,49 @@ class ATenProducts:
         return grad_weight.baddbmm_(grad_out.transpose(1, 2), h)
 
 
-class MemberParallelProducts:
-    """The same products through the C++ extension's ``stacked_addmm_``: (member, row block) tasks over
-    the intra-op threads, each product single-threaded, operands passed as strided views (a shared input
-    as a stride-0 member dim, so no transposing copies)."""
+@torch.compiler.assume_constant_result  # a constant to torch.compile: a thread query would break the graph
+def _one_thread() -> bool:
+    return torch.get_num_threads() == 1
 
-    def __init__(self, extension):
-        self.stacked_addmm_ = extension.stacked_addmm_
+
+class MemberParallelProducts:
+    """The same products through the C++ extension's ``stacked_addmm_`` (``torch.ops.fastjac``):
+    (member, row block) tasks over the intra-op threads, each product single-threaded, operands passed
+    as strided views (a shared input as a stride-0 member dim, so no transposing copies)."""
+
+    def __init__(self, native_ops):
+        self.addmm_ = native_ops.stacked_addmm_
+        # one thread: ATen's single [R, IN] x [IN, M*OUT] GEMM for a shared input measured ~6% faster
+        # than M products
+        self.shared_input_on_aten = _one_thread()
 
     def linear(self, h, weight, bias):
-        if h.dim() == 2 and torch.get_num_threads() == 1:
-            # one thread: ATen's single [R, IN] x [IN, M*OUT] GEMM measured ~6% faster than M products
+        if h.dim() == 2 and self.shared_input_on_aten:
             return ATenProducts.linear(h, weight, bias)
         m, out_features, _ = weight.shape
         h = h.expand(m, *h.shape) if h.dim() == 2 else h
-        return self.stacked_addmm_(h.new_empty(m, h.shape[1], out_features), h, weight.transpose(1, 2), bias, False)
+        out = h.new_empty(m, h.shape[1], out_features)
+        self.addmm_(out, h, weight.transpose(1, 2), bias, False)
+        return out
 
     def matmul(self, a, b):
-        return self.stacked_addmm_(a.new_empty(a.shape[0], a.shape[1], b.shape[2]), a, b, None, False)
+        out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
+        self.addmm_(out, a, b, None, False)
+        return out
 
     def weight_grad(self, grad_weight, grad_out, h):
         h = h.expand(grad_out.shape[0], *h.shape) if h.dim() == 2 else h
         if grad_weight is None:
             return self.matmul(grad_out.transpose(1, 2), h)
-        return self.stacked_addmm_(grad_weight, grad_out.transpose(1, 2), h, None, True)
+        self.addmm_(grad_weight, grad_out.transpose(1, 2), h, None, True)
+        return grad_weight
 
 
 def products(backend: str):
     """The product implementation the chain uses on ``backend``: the C++ extension's member-parallel
     products on 'cpp' (measured ~10% faster GEMMs at 2 threads, the same at 1), ATen's elsewhere."""
     if backend == "cpp":
-        from fastjac import _C
-
-        return MemberParallelProducts(_C)
+        return MemberParallelProducts(native.OPS)
     return ATenProducts
 
 

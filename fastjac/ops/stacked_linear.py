@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from fastjac.ops import native
 from fastjac.ops import stream_epilogue as epi
 
 
@@ -71,9 +72,7 @@ def launchers(backend: str):
     if backend == "torch":
         return stacked_linear_forward, stacked_linear_backward
     if backend == "cpp":
-        from fastjac import _C
-
-        return _C.stacked_linear_forward, _C.stacked_linear_backward
+        return native.OPS.stacked_linear_forward, native.OPS.stacked_linear_backward
     if backend == "triton":
         from fastjac.kernels import stacked_linear as kernel
 

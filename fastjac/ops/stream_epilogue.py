@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from fastjac.ops import native
+
 
 def _check(y: torch.Tensor, bias: torch.Tensor | None, rep: int) -> None:
     if y.dim() != 3:
@@ -97,9 +99,7 @@ def launchers(backend: str):
     if backend in ("torch", "cuda"):  # no CUDA launcher of its own: ATen's ops run it on the GPU
         return TORCH_LAUNCHERS
     if backend == "cpp":
-        from fastjac import _C
-
-        return _C.stream_epilogue_forward, _C.stream_epilogue_backward
+        return native.OPS.stream_epilogue_forward, native.OPS.stream_epilogue_backward
     if backend == "triton":
         from fastjac.kernels import stream_epilogue as kernel
 
