@@ -1,6 +1,8 @@
-"""What the engine, layer, graph, model and generic-path tests share: inputs, explicit projections, the
-reference penalty on unstacked members, restacked gradients, and the float64 comparison of a fast
-penalty (and every parameter gradient) with the reference."""
+"""What the engine, layer, graph, model and generic-path tests share beyond ``fastjac.testing``: inputs,
+explicit projections, a reference penalty that BatchNorm in train mode cannot fool (see
+``batch_statistics_by_ops``), a gradient comparison with a floor for gradients that are zero as a whole,
+and the float64 comparison of fast logits / penalties (and every parameter gradient) with the
+reference."""
 import contextlib
 import types
 
@@ -8,13 +10,10 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastjac import jacobian_penalty, reference
+from fastjac.testing import RTOL64, member_grads, stacked_grads, upstream_weights
 from tests.helpers import assert_close
 
 F64, F32 = torch.float64, torch.float32
-# float64: both sides sum the same products in different orders; for sums of up to ~1e3 terms of mixed
-# sign the relative difference stays below ~1e3 * eps64 ~ 2e-13 of the largest term. 1e-10 leaves margin and
-# is still ~1e7 times smaller than any real defect (a missing member, a wrong scale, a dropped stream).
-RTOL64 = 1e-10
 
 
 def make_input(batch, dtype=F64, seed=1, shape=(1, 28, 28), low=0.0):
@@ -69,22 +68,6 @@ def reference_penalty(members, x, mode, target, projections):
         return fn(reference.ensemble_model(members), x, projections)
 
 
-def engine_grads(ensemble, value):
-    grads = torch.autograd.grad(value, list(ensemble.params().values()), allow_unused=True)
-    return {name: torch.zeros_like(p) if g is None else g
-            for (name, p), g in zip(ensemble.params().items(), grads)}
-
-
-def reference_grads(members, value):
-    """Gradients of ``value`` w.r.t. every member parameter, restacked [M, ...] by name (None -> zeros)."""
-    names = [name for name, _ in members[0].named_parameters()]
-    flat = [p for member in members for p in member.parameters()]
-    grads = torch.autograd.grad(value, flat, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads)]
-    per_member = len(names)
-    return {name: torch.stack([grads[m * per_member + i] for m in range(len(members))]) for i, name in enumerate(names)}
-
-
 def assert_grads_close(actual, expected, *, rtol, atol_scale, name):
     assert actual.keys() == expected.keys()
     largest = max(float(e.abs().max()) for e in expected.values())
@@ -94,12 +77,6 @@ def assert_grads_close(actual, expected, *, rtol, atol_scale, name):
         # train-mode BatchNorm) is pure noise: there, 1e-3 of the largest gradient of any tensor sets it.
         atol = atol_scale * max(float(expected[key].abs().max()), 1e-3 * largest) + 1e-300
         assert_close(actual[key], expected[key], rtol=rtol, atol=atol, name=f"{name} d/d{key}")
-
-
-def upstream(count, dtype, seed=3):
-    """One shared random upstream weight per member (so a swapped or dropped member shows up)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(count, generator=g, dtype=dtype) + 0.5
 
 
 def assert_penalty_matches_reference(mods, ensemble, x, mode, target, projections, backend, label, x_fast=None):
@@ -113,9 +90,9 @@ def assert_penalty_matches_reference(mods, ensemble, x, mode, target, projection
     assert value.shape == ((len(mods),) if target == "members" else ())
     assert float(expected.detach().abs().min()) > 0, "degenerate case: a zero Jacobian tests nothing"
     assert_close(value, expected, rtol=RTOL64, atol=0, name=f"{label} {mode}/{target} penalty")
-    w = upstream(len(mods), F64) if target == "members" else upstream(1, F64)[0]
-    assert_grads_close(engine_grads(ensemble, (w.to(x_fast.device) * value).sum()),
-                       reference_grads(mods, (w * expected).sum()),
+    w = upstream_weights(len(mods), F64) if target == "members" else upstream_weights(1, F64)[0]
+    assert_grads_close(stacked_grads(ensemble, (w.to(x_fast.device) * value).sum()),
+                       member_grads(mods, (w * expected).sum()),
                        rtol=RTOL64, atol_scale=RTOL64, name=f"{label} {mode}/{target} penalty")
     return value
 
@@ -128,6 +105,6 @@ def assert_logits_match_reference(mods, ensemble, x, backend, label):
     scale = float(expected.detach().abs().max())
     assert_close(logits, expected, rtol=RTOL64, atol=RTOL64 * scale, name=f"{label} member logits")
     grad_out = torch.randn(expected.shape, dtype=expected.dtype, generator=torch.Generator().manual_seed(4))
-    assert_grads_close(engine_grads(ensemble, (logits * grad_out).sum()),
-                       reference_grads(mods, (expected * grad_out).sum()),
+    assert_grads_close(stacked_grads(ensemble, (logits * grad_out).sum()),
+                       member_grads(mods, (expected * grad_out).sum()),
                        rtol=RTOL64, atol_scale=RTOL64, name=f"{label} member logits")

@@ -15,9 +15,9 @@ from torch import nn
 
 import fastjac
 from fastjac import Ensemble, backends, jacobian_penalty, models, reference
-from tests.engine_cases import (F32, F64, RTOL64, assert_grads_close, assert_penalty_matches_reference,
-                                engine_grads, make_input, make_projections, reference_grads, reference_penalty,
-                                upstream)
+from fastjac.testing import RTOL64, member_grads, stacked_grads, upstream_weights
+from tests.engine_cases import (F32, F64, assert_grads_close, assert_penalty_matches_reference, make_input,
+                                make_projections, reference_penalty)
 from tests.helpers import assert_close, needs_backend
 
 
@@ -128,8 +128,8 @@ def test_member_logits_shared_input(backend, device, arch, members):
     assert_close(logits, expected, rtol=RTOL64, atol=RTOL64 * float(expected.detach().abs().max()), name="member logits")
     # gradients with one random upstream [M, B, C]
     grad_out = torch.randn(expected.shape, dtype=F64)
-    assert_grads_close(engine_grads(ensemble, (logits * grad_out.to(device)).sum()),
-                       reference_grads(mods, (expected * grad_out).sum()),
+    assert_grads_close(stacked_grads(ensemble, (logits * grad_out.to(device)).sum()),
+                       member_grads(mods, (expected * grad_out).sum()),
                        rtol=RTOL64, atol_scale=RTOL64, name="member logits")
     assert_close(ensemble(x_dev), expected.mean(0), rtol=RTOL64, atol=RTOL64 * float(expected.detach().abs().max()),
                  name="ensemble forward")
@@ -145,8 +145,8 @@ def test_member_logits_per_member_input(backend, device, arch):
     expected = torch.stack([member(x[m]) for m, member in enumerate(mods)])
     assert_close(logits, expected, rtol=RTOL64, atol=RTOL64 * float(expected.detach().abs().max()), name="per-member logits")
     grad_out = torch.randn(expected.shape, dtype=F64)
-    assert_grads_close(engine_grads(ensemble, (logits * grad_out.to(device)).sum()),
-                       reference_grads(mods, (expected * grad_out).sum()),
+    assert_grads_close(stacked_grads(ensemble, (logits * grad_out.to(device)).sum()),
+                       member_grads(mods, (expected * grad_out).sum()),
                        rtol=RTOL64, atol_scale=RTOL64, name="per-member logits")
     with pytest.raises(ValueError, match="per-member inputs"):
         ensemble.member_logits(x_dev[:2], per_member=True, backend=backend)
@@ -196,8 +196,8 @@ def test_penalty_per_member_input(backend, device, arch, mode):
     fn = {"vjp": reference.penalty_vjp, "jvp": reference.penalty_jvp}[mode]
     expected = torch.stack([fn(member, x[m], projections) for m, member in enumerate(mods)])
     assert_close(value, expected, rtol=RTOL64, atol=0, name="per-member penalty")
-    w = upstream(3, F64)
-    assert_grads_close(engine_grads(ensemble, (w.to(device) * value).sum()), reference_grads(mods, (w * expected).sum()),
+    w = upstream_weights(3, F64)
+    assert_grads_close(stacked_grads(ensemble, (w.to(device) * value).sum()), member_grads(mods, (w * expected).sum()),
                        rtol=RTOL64, atol_scale=RTOL64, name="per-member penalty")
 
 
@@ -225,10 +225,10 @@ def test_penalty_float32_within_plain_float32_error(backend, device, arch, mode)
     ref64 = reference_penalty(mods64, x64, mode, "members", p64)
     ref32 = reference_penalty(mods32, x32, mode, "members", p32)
     assert_close(value, ref64, rtol=0, atol=float32_atol(ref32, ref64), name="float32 penalty")
-    w64 = upstream(3, F64)
-    got = engine_grads(ensemble, (w64.to(F32).to(device) * value).sum())
-    want64 = reference_grads(mods64, (w64 * ref64).sum())
-    want32 = reference_grads(mods32, (w64.to(F32) * ref32).sum())
+    w64 = upstream_weights(3, F64)
+    got = stacked_grads(ensemble, (w64.to(F32).to(device) * value).sum())
+    want64 = member_grads(mods64, (w64 * ref64).sum())
+    want32 = member_grads(mods32, (w64.to(F32) * ref32).sum())
     for key in want64:
         assert_close(got[key], want64[key], rtol=0, atol=float32_atol(want32[key], want64[key]),
                      name=f"float32 penalty d/d{key}")
@@ -245,12 +245,12 @@ def test_vjp_nproj_minus_one_is_exact(backend, device, arch, target):
     value = jacobian_penalty(ensemble, x_dev, nproj=-1, mode="vjp", target=target, backend=backend)
     if target == "members":
         expected = torch.stack([reference.penalty_exact(member, x) for member in mods])
-        w = upstream(3, F64)
+        w = upstream_weights(3, F64)
     else:
         expected = reference.penalty_exact(reference.ensemble_model(mods), x)
-        w = upstream(1, F64)[0]
+        w = upstream_weights(1, F64)[0]
     assert_close(value, expected, rtol=RTOL64, atol=0, name="vjp nproj=-1")
-    assert_grads_close(engine_grads(ensemble, (w.to(device) * value).sum()), reference_grads(mods, (w * expected).sum()),
+    assert_grads_close(stacked_grads(ensemble, (w.to(device) * value).sum()), member_grads(mods, (w * expected).sum()),
                        rtol=RTOL64, atol_scale=RTOL64, name="vjp nproj=-1")
     # mode="exact" (reference jacrev on the live stacked parameters) agrees too
     exact = jacobian_penalty(ensemble, x_dev, mode="exact", target=target, backend=backend)
@@ -270,7 +270,7 @@ def test_single_module_matches_reference(backend, device, arch, mode):
     assert value.shape == ()
     expected = reference_penalty([ref_module], x, mode, "ensemble", projections)
     assert_close(value, expected, rtol=RTOL64, atol=0, name="single module penalty")
-    assert_grads_close(engine_grads_module(module, value), reference_grads([ref_module], expected),
+    assert_grads_close(engine_grads_module(module, value), member_grads([ref_module], expected),
                        rtol=RTOL64, atol_scale=RTOL64, name="single module penalty")
 
 
@@ -299,8 +299,8 @@ def test_unfused_architecture_generic_path_correct_and_warns_once(monkeypatch, m
         value = jacobian_penalty(ensemble, x, nproj=2, mode=mode, target=target, projections=projections)
     expected = reference_penalty(mods, x, mode, target, projections)
     assert_close(value, expected, rtol=RTOL64, atol=0, name="generic path penalty")
-    w = upstream(3, F64) if target == "members" else upstream(1, F64)[0]
-    assert_grads_close(engine_grads(ensemble, (w * value).sum()), reference_grads(mods, (w * expected).sum()),
+    w = upstream_weights(3, F64) if target == "members" else upstream_weights(1, F64)[0]
+    assert_grads_close(stacked_grads(ensemble, (w * value).sum()), member_grads(mods, (w * expected).sum()),
                        rtol=RTOL64, atol_scale=RTOL64, name="generic path penalty")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call must not warn again

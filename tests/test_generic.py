@@ -12,9 +12,9 @@ from torch import nn
 
 import fastjac
 from fastjac import Ensemble, generic, jacobian_penalty, reference
-from tests.engine_cases import (F64, RTOL64, assert_grads_close, assert_logits_match_reference,
-                                assert_penalty_matches_reference, engine_grads, make_input, make_projections,
-                                reference_grads, reference_penalty, upstream)
+from fastjac.testing import RTOL64, member_grads, stacked_grads, upstream_weights
+from tests.engine_cases import (F64, assert_grads_close, assert_logits_match_reference,
+                                assert_penalty_matches_reference, make_input, make_projections, reference_penalty)
 from tests.helpers import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,8 +148,8 @@ def test_generic_per_member_input(name, mode):
     fn = {"vjp": reference.penalty_vjp, "jvp": reference.penalty_jvp}[mode]
     expected = torch.stack([fn(member, x[m], projections) for m, member in enumerate(mods)])
     assert_close(value, expected, rtol=RTOL64, atol=0, name="per-member penalty")
-    w = upstream(3, F64)
-    assert_grads_close(engine_grads(ensemble, (w * value).sum()), reference_grads(mods, (w * expected).sum()),
+    w = upstream_weights(3, F64)
+    assert_grads_close(stacked_grads(ensemble, (w * value).sum()), member_grads(mods, (w * expected).sum()),
                        rtol=RTOL64, atol_scale=RTOL64, name="per-member penalty")
 
 

@@ -16,8 +16,9 @@ from torch import nn
 
 from fastjac import Ensemble, jacobian_penalty, layers
 from fastjac.engine import Engine
-from tests.engine_cases import (F64, RTOL64, assert_logits_match_reference,
-                                assert_penalty_matches_reference, make_input, make_projections)
+from fastjac.testing import RTOL64
+from tests.engine_cases import (F64, assert_logits_match_reference, assert_penalty_matches_reference, make_input,
+                                make_projections)
 from tests.helpers import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,9 +87,8 @@ def no_bias():
 
 # name -> (builder, train mode, input shape)
 CASES = {
-    **{f"{name}_after_linear": (lambda act=act: after_linear(act), False, (1, 28, 28)) for name, act in ACTIVATIONS.items()},
-    **{f"{name}_after_conv": (lambda act=act: after_conv(act), False, (1, 28, 28)) for name, act in ACTIVATIONS.items()},
-    **{f"{name}_on_input": (lambda act=act: on_input(act), False, (1, 28, 28)) for name, act in ACTIVATIONS.items()},
+    **{f"{name}_{place.__name__}": (lambda act=act, place=place: place(act), False, (1, 28, 28))
+       for place in (after_linear, after_conv, on_input) for name, act in ACTIVATIONS.items()},
     **{f"batchnorm1d_{mode}": (batchnorm1d(), mode == "train", (1, 28, 28)) for mode in ("train", "eval")},
     **{f"batchnorm2d_{mode}": (batchnorm2d(), mode == "train", (1, 28, 28)) for mode in ("train", "eval")},
     **{f"batchnorm_on_input_{mode}": (batchnorm_on_input, mode == "train", (1, 28, 28)) for mode in ("train", "eval")},
