@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastjac import Ensemble, JacobianReg, models, reference
+from fastjac import Ensemble, JacobianReg, models, reference, sgd_uap
 from tests.engine_cases import (F64, assert_logits_match_reference, assert_penalty_matches_reference, make_input,
                                 make_projections, reference_penalty)
 from tests.helpers import assert_close
@@ -111,3 +111,14 @@ def test_resnet_hoffman_style_jacobian_reg_uses_the_recorded_pass(train):
     assert_close(value, expected, rtol=1e-10, atol=0, name="JacobianReg on the ResNet")
     tracked = ensemble.buffers_by_name()["bn.num_batches_tracked"]
     assert tracked.tolist() == ([1, 1] if train else [0, 0])
+
+
+def test_resnet_ensemble_sgd_uap_matches_reference():
+    """An attack on a ResNet ensemble (eval mode: BatchNorm with its running statistics) runs on the
+    engine and gives the reference's perturbation."""
+    mods, ensemble, _ = make_resnet_case(2, False)
+    batches = [(make_input(4, seed=s), torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(s)))
+               for s in (1, 2)]
+    result = sgd_uap(ensemble, batches, eps=0.1, epochs=2)
+    expected, _ = reference.sgd_uap(reference.ensemble_model([m.eval() for m in mods]), batches, 0.1, epochs=2)
+    assert_close(result.delta[0], expected, rtol=0, atol=1e-12, name="resnet UAP")
