@@ -9,7 +9,7 @@ Linear/Conv2d before it where that layer feeds nothing else. Anything it cannot 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from torch import fx, nn
 
@@ -27,13 +27,14 @@ class Node:
 
 @dataclass(frozen=True)
 class Graph:
-    """Layer records in topological order; ``output`` is the node whose value is the member's logits."""
+    """Layer records in topological order; ``output`` is the node whose value is the member's logits.
+    ``frees``: per node, the values (node indices or INPUT) no later node reads, dropped once it has run
+    (derived; a plain field rather than a cached property, which torch.compile cannot trace)."""
     nodes: tuple
     output: int
+    frees: tuple = field(init=False, compare=False, repr=False)
 
-    @functools.cached_property
-    def frees(self) -> tuple:
-        """Per node, the values (node indices or INPUT) no later node reads: dropped once it has run."""
+    def __post_init__(self):
         last = {}
         for index, node in enumerate(self.nodes):
             for source in node.inputs:
@@ -42,7 +43,7 @@ class Graph:
         frees = [[] for _ in self.nodes]
         for source, index in last.items():
             frees[index].append(source)
-        return tuple(tuple(f) for f in frees)
+        object.__setattr__(self, "frees", tuple(tuple(f) for f in frees))
 
     def in_mode(self, training: bool) -> "Graph":
         """This graph with every layer in train or eval mode; Unsupported where a layer cannot be fused
