@@ -7,7 +7,7 @@ go: data-dependent control flow), ``jvp`` carries the P tangent directions besid
 (``autograd.grad`` with batched cotangents, ``create_graph`` so the penalty is differentiable).
 
 Buffers: inside the transforms nothing is mutated. A BatchNorm that normalizes with its batch's
-statistics (train mode) runs as ``BatchStatisticsNorm`` (plain ops: see there why), its batch mean and
+statistics (train mode) runs as ``BatchStatisticsNorm`` (plain ops under jvp: see there why), its batch mean and
 variance are returned beside the logits, and the running statistics are updated once afterwards exactly
 as a plain forward updates them (``layers.update_running_stats``).
 """
@@ -19,10 +19,12 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastjac.layers import update_running_stats
+from fastjac.ops import batch_norm as batch_norm_op
 
 log = logging.getLogger("fastjac.generic")
 
@@ -55,15 +57,16 @@ _LOOPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 class BatchStatisticsNorm(nn.Module):
-    """A BatchNorm normalizing with its batch's statistics, in plain differentiable ops: what the generic
+    """A BatchNorm normalizing with its batch's statistics and keeping no running ones: what the generic
     path runs in place of ``nn.BatchNorm*d`` in train mode (or without running statistics).
 
-    ATen's batch_norm gives a wrong reverse-mode derivative of its forward-mode JVP in training mode
-    (pytorch/pytorch#196699, an incorrect second-order JVP; measured here against finite differences),
-    so torch.func.jvp through it would give wrong parameter gradients of the jvp-mode penalty. Same
-    parameter names (weight, bias) as the module it replaces; no buffers: when ``sink`` is a list, each
-    call appends (self, batch mean [C], biased variance [C], values per channel) for the running
-    statistics' update outside the transforms.
+    With ``by_ops`` (set for forward-mode AD) it computes in plain differentiable ops: ATen's batch_norm
+    gives a wrong reverse-mode derivative of its forward-mode JVP in training mode (pytorch/pytorch#196699,
+    an incorrect second-order JVP; measured here against finite differences), so torch.func.jvp through
+    it would give wrong parameter gradients of the jvp-mode penalty. Otherwise ATen's batch_norm runs
+    (its double backward, which the vjp mode uses, is right). Same parameter names (weight, bias) as the
+    module it replaces; no buffers: when ``sink`` is a list, each call appends (self, batch mean [C],
+    biased variance [C], values per channel) for the running statistics' update outside the transforms.
     """
 
     def __init__(self, source: _BatchNorm, name: str):
@@ -73,17 +76,24 @@ class BatchStatisticsNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty_like(source.weight)) if source.affine else None
         self.bias = nn.Parameter(torch.empty_like(source.bias)) if source.affine else None
         self.sink: list | None = None
+        self.by_ops = False
 
     def forward(self, x):
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        rows = x.reshape(x.shape[0], 1, x.shape[1], -1)  # [N, 1, C, L]: one "member"
+        if self.by_ops:
+            mean, var, centered = batch_norm_op.moments(rows)
+            y = (centered * torch.rsqrt(var + self.eps)).view_as(x)
+            if self.weight is not None:
+                shape = [1, -1] + [1] * (x.dim() - 2)
+                y = y * self.weight.view(shape) + self.bias.view(shape)
+        else:
+            y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            if self.updates_running and self.sink is not None:
+                with torch.no_grad():
+                    mean, var, _ = batch_norm_op.moments(rows.detach())
         if self.updates_running and self.sink is not None:
             self.sink.append((self, mean.detach().flatten(), var.detach().flatten(), x.numel() // x.shape[1]))
-        y = (x - mean) * torch.rsqrt(var + self.eps)
-        if self.weight is None:
-            return y
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return y * self.weight.view(shape) + self.bias.view(shape)
+        return y
 
 
 # architecture -> (the modes it was prepared in, its functional copy), rebuilt when a mode changes
@@ -111,23 +121,23 @@ class _MemberCall:
     functional template (``_functional_template``), returning the batch mean and biased variance of each
     BatchNorm that updates running statistics, in call order, beside the logits."""
 
-    def __init__(self, members: Members):
-        self.members = members
+    def __init__(self, members: Members, forward_mode: bool = False):
+        self.members, self.forward_mode = members, forward_mode
         self.template = _functional_template(members.template)
         names = {name for name, _ in self.template.named_parameters()} | {n for n, _ in self.template.named_buffers()}
         self.state = {name: tensor for name, tensor in members.state.items() if name in names}
-        self.norms = [m for m in self.template.modules() if isinstance(m, BatchStatisticsNorm) and m.updates_running]
+        self.norms = [m for m in self.template.modules() if isinstance(m, BatchStatisticsNorm)]
         self.calls: list = []  # (module, values per channel) of each recorded call of the last member call
 
     def __call__(self, state: dict, x: torch.Tensor):
         sink = []
         for norm in self.norms:
-            norm.sink = sink
+            norm.sink, norm.by_ops = sink, self.forward_mode
         try:
             out = torch.func.functional_call(self.template, state, (x,))
         finally:
             for norm in self.norms:
-                norm.sink = None
+                norm.sink, norm.by_ops = None, False
         self.calls = [(norm, count) for norm, _, _, count in sink]
         return out, tuple((mean, var) for _, mean, var, _ in sink)
 
@@ -170,7 +180,7 @@ def jvp(model: nn.Module, x: torch.Tensor, u: torch.Tensor, per_member: bool = F
     """(logits [M, B, C], J_m u [M, P, B, C]) from one primal pass per member with the P directions
     u [P, B, *input] vmapped beside it (forward mode)."""
     members = members_of(model)
-    call = _MemberCall(members)
+    call = _MemberCall(members, forward_mode=True)
 
     def member(state, x_m):
         def directions(u_p):
