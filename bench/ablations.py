@@ -6,13 +6,13 @@
 
 Both sides run in one process, interleaved (``fastjac.benchmark.measure_interleaved``), automatic backend.
 """
+import dataclasses
 import sys
 from contextlib import contextmanager
 
 import torch
 
-from fastjac import benchmark, uap
-from fastjac.ops import linear_chain
+from fastjac import backends, benchmark, uap
 
 
 @contextmanager
@@ -25,10 +25,19 @@ def patched(module, name, value):
         setattr(module, name, saved)
 
 
-def switched_off(step, module, name, value):
+def switched_off(step, capability, value):
+    """``step`` with the automatic backend's ``capability`` (a ``fastjac.backends.Backend`` field) set to
+    ``value`` while it runs."""
+    name = backends.current()
+    changed = dataclasses.replace(backends.get(name), **{capability: value})
+
     def call():
-        with patched(module, name, value):
+        saved = backends._built[name]
+        backends._built[name] = changed
+        try:
             return step()
+        finally:
+            backends._built[name] = saved
     return call
 
 
@@ -38,7 +47,7 @@ def chain() -> None:
     for kind in ("jr_vjp", "jr_jvp"):
         spec = benchmark.CaseSpec(kind, arch="mlp", members=5, backend="auto")
         steps[f"{kind} chain"] = benchmark.build(spec)
-        steps[f"{kind} engine"] = switched_off(benchmark.build(spec), linear_chain, "JR_BACKENDS", ())
+        steps[f"{kind} engine"] = switched_off(benchmark.build(spec), "chain_products", None)
     steps["reference"] = benchmark.build(benchmark.CaseSpec("reference_jr", arch="mlp", members=5, backend="-"))
     ms = report(steps, repeats=40)
     for kind in ("jr_vjp", "jr_jvp"):
@@ -51,7 +60,7 @@ def plain() -> None:
     """The engine path is what member_logits takes with the plain chain Function off."""
     spec = benchmark.CaseSpec("plain", arch="mlp", members=5, backend="cpp")
     steps = {"chain": benchmark.build(spec),
-             "engine": switched_off(benchmark.build(spec), linear_chain, "PLAIN_BACKENDS", ()),
+             "engine": switched_off(benchmark.build(spec), "plain_chain", False),
              "loop": benchmark.build(benchmark.CaseSpec("loop", arch="mlp", members=5, backend="-"))}
     ms = report(steps, repeats=40)
     print(f"  plain step: engine / chain {ms['engine'] / ms['chain']:.3f}, loop / chain {ms['loop'] / ms['chain']:.2f}, "

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bench.suite import check_like_torch, op_backends, skip_if_same_launchers
+from fastjac import backends
 from fastjac.ops import stacked_linear as sl
 
 MEMBERS, BATCH, STREAMS = 5, 128, 2
@@ -25,8 +26,8 @@ def make_inputs(shared, fan_in, out_features, device):
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("backend,device", op_backends())
 def test_stacked_linear(benchmark, backend, device, shape, direction):
-    torch_launchers = sl.launchers("torch")
-    launchers = sl.launchers(backend)
+    torch_launchers = (sl.stacked_linear_forward, sl.stacked_linear_backward)
+    launchers = backends.get(backend).stacked_linear
     skip_if_same_launchers(backend, launchers, torch_launchers)
     shared, fan_in, out_features = SHAPES[shape]
     x, weight, bias, grad = make_inputs(shared, fan_in, out_features, device)

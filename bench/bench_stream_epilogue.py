@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bench.suite import check_like_torch, op_backends, skip_if_same_launchers
+from fastjac import backends
 from fastjac.ops import stream_epilogue as se
 
 # name -> (O, S, I, NB, rep): y [O, S, I], bias [O, NB], bias index (i // rep) % NB (fastjac/ops/stream_epilogue.py)
@@ -23,7 +24,7 @@ def make_inputs(shape, device):
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("backend,device", op_backends())
 def test_stream_epilogue(benchmark, backend, device, shape, direction):
-    launchers = se.launchers(backend)
+    launchers = backends.get(backend).stream_epilogue
     skip_if_same_launchers(backend, launchers, se.TORCH_LAUNCHERS)
     forward, backward = launchers
     y, bias, grad = make_inputs(SHAPES[shape], device)

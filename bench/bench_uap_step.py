@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench.suite import check_like_torch, op_backends, skip_if_same_launchers
+from fastjac import backends
 from fastjac.ops import uap_step as ops
 
 K, BATCH, MEMBERS, HIDDEN = 4, 128, 5, 256
@@ -26,7 +27,9 @@ def test_uap_op(benchmark, backend, device, op):
     x, delta, _, _ = make_inputs(device)
     grad = torch.randn(K, *x.shape, device=device)
     step, eps = torch.full((K,), 0.02, device=device), torch.full((K,), 0.1, device=device)
-    torch_launchers, launchers = ops.launchers("torch"), ops.launchers(backend)
+    chosen = backends.get(backend)
+    torch_launchers = (ops.perturb_forward, ops.perturb_backward, ops.uap_step)
+    launchers = (*chosen.perturb, chosen.sign_step)
     skip_if_same_launchers(backend, launchers, torch_launchers)
     calls = {"perturb forward": lambda launch: launch[0](x, delta),
              "perturb backward": lambda launch: launch[1](grad, x, delta),
@@ -49,14 +52,13 @@ def unfused_perturbed_linear(x, delta, weight, bias):
 def test_perturbed_linear(benchmark, backend, device, direction):
     x, delta, weight, bias = make_inputs(device)
     delta.requires_grad_()
+    chosen = backends.get(backend)
     if backend == "torch":  # the baseline: no fusion
         forward = lambda: unfused_perturbed_linear(x, delta, weight, bias)  # noqa: E731
     else:
-        forward = lambda: ops.perturbed_linear(x, delta, weight, bias, relu=True, backend=backend)[0]  # noqa: E731
-        try:
-            forward()
-        except ValueError as error:
-            pytest.skip(f"no fused perturbed Linear on {backend!r}: {error}")
+        if chosen.perturbed_linear is None:
+            pytest.skip(f"no fused perturbed Linear on {backend!r} (Backend.perturbed_linear is None)")
+        forward = lambda: ops.perturbed_linear(x, delta, weight, bias, True, chosen)[0]  # noqa: E731
         check_like_torch(forward(), unfused_perturbed_linear(x, delta, weight, bias), length=784,
                          name=f"{backend} forward")
     grad_out = torch.randn(MEMBERS, K * BATCH, HIDDEN, device=device)

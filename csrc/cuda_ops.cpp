@@ -1,6 +1,7 @@
-// Python bindings of the CUDA launchers (csrc/*.cu, declared in csrc/cuda_launchers.h) as fastjac._C ops.
-// The whole file is compiled only with FASTJAC_WITH_CUDA (the CUDAExtension build); the CPU build, which
-// compiles every csrc/*.cpp, gets an empty translation unit.
+// The CUDA kernels of the fastjac operator library (csrc/*.cu, declared in csrc/cuda_launchers.h): their
+// CUDA implementations of torch.ops.fastjac.* (schemas in csrc/ext.cpp). The whole file is compiled only
+// with FASTJAC_WITH_CUDA (the CUDAExtension build); the CPU build, which compiles every csrc/*.cpp, gets
+// an empty translation unit.
 //
 //   uap_step(delta [K, *], grad like delta, step [K], eps [K]) -> clamp(delta + step*sign(grad), -eps, eps)
 //       float32, bit-identical to torch's expression: the cuda backend's one op of its own (its GEMMs and
@@ -13,9 +14,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#if __has_include("fastjac.h")
-#include "fastjac.h"  // declares register_cuda_ops
-#endif
 #include "cuda_launchers.h"
 
 // Named namespace: fastjac.h (or the CPU ops) may declare functions of the same names in the global one.
@@ -54,11 +52,6 @@ at::Tensor uap_step(const at::Tensor& delta, const at::Tensor& grad, const at::T
 }  // namespace cuda_ops
 }  // namespace fastjac
 
-void register_cuda_ops(pybind11::module_& m) {
-  namespace py = pybind11;
-  namespace ops = fastjac::cuda_ops;
-  m.def("uap_step", &ops::uap_step, "clamp(delta + step_k * sign(grad), -eps_k, eps_k) (CUDA, float32)", py::arg("delta"),
-        py::arg("grad"), py::arg("step"), py::arg("eps"));
-}
+TORCH_LIBRARY_IMPL(fastjac, CUDA, m) { m.impl("uap_step", &fastjac::cuda_ops::uap_step); }
 
 #endif  // FASTJAC_WITH_CUDA

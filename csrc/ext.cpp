@@ -1,7 +1,7 @@
 // fastjac._C: the one module of the C++/CUDA extension. The CPU launchers are registered with the
 // dispatcher as the ``fastjac`` operator library (torch.ops.fastjac.*: schemas here, fake kernels in
 // fastjac/ops/native.py), so torch.compile, meta tensors and torch.export see through them; a CUDA build
-// adds its launchers through register_cuda_ops (csrc/cuda_ops.cpp). The pybind functions below are the
+// adds the CUDA kernel of uap_step (csrc/cuda_ops.cpp). The pybind functions below are the
 // same launchers for the tests that call them directly.
 #include "fastjac.h"
 
@@ -23,6 +23,8 @@ TORCH_LIBRARY(fastjac, m) {
   m.def("stacked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? mask, int streams, bool has_bias, "
         "bool needs_x_grad) -> (Tensor?, Tensor, Tensor?)");
   m.def("stacked_addmm_(Tensor(a!) out, Tensor a, Tensor b, Tensor? bias, bool accumulate) -> ()");
+  // CUDA only (csrc/cuda_ops.cpp): clamp(delta + step_k * sign(grad), -eps_k, eps_k), float32
+  m.def("uap_step(Tensor delta, Tensor grad, Tensor step, Tensor eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastjac, CPU, m) {
@@ -64,7 +66,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 #ifdef FASTJAC_WITH_CUDA
   m.attr("WITH_CUDA") = true;
-  register_cuda_ops(m);
 #else
   m.attr("WITH_CUDA") = false;
 #endif

@@ -77,8 +77,3 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> stacked_linear_forward(
 std::tuple<c10::optional<at::Tensor>, at::Tensor, c10::optional<at::Tensor>> stacked_linear_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& mask, int64_t streams, bool has_bias, bool needs_x_grad);
-
-#ifdef FASTJAC_WITH_CUDA
-// Defined in csrc/cuda_ops.cpp (CUDA builds only): binds the CUDA launchers into the module.
-void register_cuda_ops(pybind11::module_& m);
-#endif

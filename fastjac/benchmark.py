@@ -622,13 +622,11 @@ def not_benchmarked(name: str, device: str = "cpu") -> str | None:
     reason = backends._why_unavailable(name)
     if reason is not None:
         return reason
-    on_cuda = str(device).startswith("cuda")
-    if name == "triton" and not on_cuda:
-        return "Triton runs in its CPU interpreter here (tests only)"
-    if name == "cpp" and on_cuda:
-        return "'cpp' is a CPU backend"
-    if name == "cuda" and not on_cuda:
-        return "'cuda' is a CUDA backend"
+    device_type = torch.device(device).type
+    if device_type not in backends.device_types(name):
+        return f"{name!r} runs on {' or '.join(backends.device_types(name))} tensors"
+    if backends.get(name).interpreted:
+        return f"{name!r} runs in an interpreter here (tests only)"
     return None
 
 

@@ -22,7 +22,6 @@ import torch
 from fastjac.graph import INPUT, Graph
 from fastjac.layers import Linear, convert, to_members
 from fastjac.ops import linear_chain
-from fastjac.ops import stream_epilogue as epilogue_op
 
 
 @dataclass
@@ -38,10 +37,10 @@ class Engine:
     layers in train mode update the running statistics in it in place, once per forward.
     """
 
-    def __init__(self, graph: Graph, state: dict, backend: str):
+    def __init__(self, graph: Graph, state: dict, backend):
         self.graph, self.state, self.backend = graph, state, backend
         self.members = next(iter(state.values())).shape[0]
-        self.epilogue_launchers = epilogue_op.launchers(backend)
+        self.epilogue_launchers = backend.stream_epilogue
 
     def weight_bias(self, layer):
         """(weight [M, ...], bias [M, OUT] or None) of a Linear or Conv2d layer."""
@@ -108,9 +107,9 @@ class Engine:
 
     def _plain_chain(self, x: torch.Tensor):
         """The chain (see ``linear_chain``) when a plain training pass runs as one Function: a Linear(+ReLU)
-        chain, a backend that gains from it (``linear_chain.PLAIN_BACKENDS``), parameters that need a
+        chain, a backend that gains from it (``Backend.plain_chain``), parameters that need a
         gradient and an input that does not. Else None."""
-        if (self.backend in linear_chain.PLAIN_BACKENDS and torch.is_grad_enabled() and not x.requires_grad
+        if (self.backend.plain_chain and torch.is_grad_enabled() and not x.requires_grad
                 and any(p.requires_grad for p in self.state.values())):
             return self.linear_chain()
         return None
@@ -136,7 +135,7 @@ class Engine:
 
         first = self.first_linear()
         if first is None:
-            return self.forward(uap_step.perturb(x, delta, self.backend).flatten(0, 1))[0]
+            return self.forward(uap_step.perturb(x, delta, self.backend.perturb).flatten(0, 1))[0]
         layer = self.graph.nodes[first].layer
         weight, bias = self.weight_bias(layer)
         out, _ = uap_step.perturbed_linear(x.flatten(1), delta.flatten(1), weight, bias, layer.relu, self.backend)

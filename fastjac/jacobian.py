@@ -110,7 +110,7 @@ def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_
     """The stacked engine: tangent rows beside the primal rows (jvp), or the recorded pass's transposed
     graph (vjp); a Linear(+ReLU) chain as one Function on the backends where that pays off."""
     batch = shared_shape[0]
-    chain = run.linear_chain() if run.backend in linear_chain.JR_BACKENDS and not x.requires_grad else None
+    chain = run.linear_chain() if run.backend.chain_products is not None and not x.requires_grad else None
     if chain is not None:
         return _chain_penalty(chain, run.backend, x, mode, nproj, target, projections, per_member, shared_shape,
                               generator)
@@ -266,7 +266,7 @@ def recorded_logits(run: engine.Engine, x: torch.Tensor, per_member: bool) -> to
     """Member logits [M, B, C] of one engine pass that also records what Hoffman's penalty needs (the
     ReLU masks, pool indices: the chain's activations or the engine's tape), attached to the result for
     ``JacobianReg``. ``Ensemble.member_logits`` calls this when x requires grad (Hoffman-style code)."""
-    chain = run.linear_chain() if run.backend in linear_chain.JR_BACKENDS else None
+    chain = run.linear_chain() if run.backend.chain_products is not None else None
     if chain is not None:
         weights, biases, relus = chain
         saved = linear_chain.ChainRecord(run.backend, relus, weights)

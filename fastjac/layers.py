@@ -227,7 +227,7 @@ class Conv2d(Layer):
     def forward(self, run, h, layout, streams, batch, keep):
         weight, bias = run.weight_bias(self)
         members, cout = weight.shape[:2]
-        plain = not keep and run.backend != "triton"  # ATen fuses the bias; relu keeps its output
+        plain = not keep and not run.backend.own_plain_epilogue  # ATen fuses the bias; relu keeps its output
         if layout == "shared" and self.groups == 1:  # one convolution for every member: [R, M*COUT, h, w]
             flat_bias = bias.reshape(-1) if plain and bias is not None else None
             y = self._conv(h, weight.reshape(members * cout, *weight.shape[2:]), flat_bias)
@@ -247,7 +247,6 @@ class Conv2d(Layer):
 
     def transpose(self, run, saved, g, layout, nproj, batch):
         weight, _ = run.weight_bias(self)
-        members = weight.shape[0]
         if saved.mask is not None:
             g, layout = scale_rows(g, layout, saved.mask, saved.out_layout, nproj)
         height, width = saved.in_shape[-2:]

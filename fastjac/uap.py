@@ -57,11 +57,12 @@ def perturbed_logits(model: nn.Module, backend: str | None = None):
     """f(x [B, *input], delta [K, *input]) -> output [K*B, C] on clamp(x + delta_k, 0, 1) (row k*B + b),
     parameters frozen. The Triton backend forms the perturbation inside the first layer's load."""
     run = _frozen_engine(model, backend)
-    if run is not None and run.backend in uap_step.PERTURBED_LINEAR_BACKENDS:
+    if run is not None and run.backend.perturbed_linear is not None:
         return lambda x, delta: run.forward_perturbed(x, delta).mean(0)
-    name = run.backend if run is not None else "torch"
+    chosen = run.backend if run is not None else backends.resolve(backend, next(model.parameters()).device.type)
+    launchers = chosen.perturb
     f = model if run is None else (lambda rows: run.forward(rows)[0].mean(0))
-    return lambda x, delta: f(uap_step.perturb(x, delta, name).flatten(0, 1))
+    return lambda x, delta: f(uap_step.perturb(x, delta, launchers).flatten(0, 1))
 
 
 # Per pass, the K*B perturbed rows of the largest layer output should stay within the CPU's last-level
@@ -158,7 +159,7 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
     check_int(epochs, "epochs", 1)
     if not beta > 0 or not 0 < step_decay:
         raise ValueError(f"beta and step_decay must be > 0, got beta={beta!r}, step_decay={step_decay!r}")
-    name = backends.resolve(backend, next(model.parameters()).device.type)
+    chosen = backends.resolve(backend, next(model.parameters()).device.type)
     count, _ = _check_batches(model, batches, targets)
     was_training = model.training
     model.eval()
@@ -185,7 +186,7 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
                     part_losses = signs[part] * ce.clamp(max=beta).mean(dim=1)  # each delta_k sees its own term
                     grads.append(torch.autograd.grad(part_losses.sum(), trial)[0])
                     losses.append(part_losses.detach())
-                delta = uap_step.sign_step(delta, torch.cat(grads), step_t, eps_t, name)
+                delta = uap_step.sign_step(delta, torch.cat(grads), step_t, eps_t, chosen.sign_step)
                 result.losses.append(torch.cat(losses))  # kept on the device: no sync per batch
                 seen += 1
             if seen != count:

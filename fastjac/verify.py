@@ -1,6 +1,6 @@
 """``python -m fastjac verify``: every available backend against the reference, worst errors printed.
 
-Each backend runs on its own device (``backend_device``: triton on a GPU, or the CPU under the Triton
+Each backend runs on its own device (``fastjac.backends.device_for``: triton on a GPU, or the CPU under the Triton
 interpreter; cuda on a GPU; cpp on the CPU; torch on the requested device), in float64 and float32, and
 is compared with ONE reference: the plain PyTorch loop of ``fastjac.reference`` in float64 on the CPU, run
 on the same values (the models, inputs and projections are drawn in float32, so their float64 copies are
@@ -29,23 +29,6 @@ CLASSES = 10
 CASES = [(mode, target) for mode in ("vjp", "jvp") for target in ("members", "ensemble")]
 
 
-def backend_device(name: str, requested: str | torch.device | None = None) -> torch.device:
-    """The device backend ``name`` runs its tensors on: ``cpp`` the CPU; ``cuda`` a GPU; ``triton`` a GPU
-    when one exists, else the CPU (under TRITON_INTERPRET=1); ``torch`` anywhere. A requested CUDA device
-    (e.g. ``cuda:1``) is kept by every backend that runs on a GPU; ``requested`` None means cuda when
-    available, else the CPU."""
-    if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    requested = torch.device(requested)
-    if name == "cpp":
-        return torch.device("cpu")
-    if name == "cuda" or (name == "triton" and torch.cuda.is_available()):
-        return requested if requested.type == "cuda" else torch.device("cuda")
-    if name == "triton":
-        return torch.device("cpu")
-    return requested
-
-
 def _relative_error(actual, expected) -> float:
     """``testing.relative_error`` with ``actual`` on any device and ``expected`` the float64 CPU reference."""
     return relative_error(actual.detach().to("cpu", torch.float64), expected)
@@ -54,7 +37,7 @@ def _relative_error(actual, expected) -> float:
 def default_backends() -> list[str]:
     """Every available backend, less Triton when it would run on the CPU interpreter (minutes per pass
     at these sizes); name it explicitly to include it."""
-    return [name for name in backends.available() if not (name == "triton" and backends.triton_interpreted())]
+    return [name for name in backends.available() if not backends.get(name).interpreted]
 
 
 def _reference(members_list, x, projections) -> dict:
@@ -87,7 +70,7 @@ def _errors(name, device, members_list, x, projections, expected, dtype) -> dict
 def verify(arch: str = "mlp", model_path=None, members: int = 3, batch: int = 5, dtypes=(torch.float64, torch.float32),
            names: list[str] | None = None, device: str | torch.device | None = None, out=sys.stderr) -> dict:
     """Compare ``names`` (default: ``default_backends()``) against the reference; ``device`` is the device
-    asked for (default: cuda when available), which each backend adapts (``backend_device``). Returns
+    asked for (default: cuda when available), which each backend adapts (``backends.device_for``). Returns
     {"arch", "backends": {name: {"device", dtype name: {quantity: worst relative error}}}}."""
     if model_path is not None:
         model, _ = _io.load_model(model_path)
@@ -106,7 +89,7 @@ def verify(arch: str = "mlp", model_path=None, members: int = 3, batch: int = 5,
     expected = _reference(members_list, x, projections)
     report = {"arch": arch if model_path is None else str(model_path), "backends": {}}
     for name in names:
-        where = backend_device(name, device)
+        where = backends.device_for(name, device)
         results = {"device": str(where)}
         for dtype in dtypes:
             results[str(dtype).replace("torch.", "")] = _errors(name, where, members_list, x, projections, expected,

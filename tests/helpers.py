@@ -14,21 +14,13 @@ def needs_backend(name: str):
     return pytest.mark.skipif(reason is not None, reason=f"backend {name!r} unavailable: {reason}")
 
 
-def _device_of(name: str) -> str:
-    """Where a backend's kernels run: 'cpp' on the CPU, 'cuda' on a GPU, 'triton' on a GPU or, without one,
-    on the CPU through the interpreter (tests only), 'torch' on the CPU (see ``backend_devices`` for GPU)."""
-    if name == "cuda" or (name == "triton" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
-
-
 def backend_devices(names=backends.NAMES, *, interpreter_skip: str | None = None):
     """pytest params (backend, device) for every backend in ``names`` on its device, plus 'torch' on a
     CUDA device; each that cannot run here is a skip naming the reason. ``interpreter_skip``: Triton on
     the CPU interpreter is a skip too, for this reason (e.g. in a benchmark)."""
     pairs = []
     for name in names:
-        pairs.append((name, _device_of(name)))
+        pairs.append((name, backends.device_for(name, "cpu").type))
         if name == "torch":
             pairs.append(("torch", "cuda"))
     params = []
@@ -44,8 +36,8 @@ def backend_devices(names=backends.NAMES, *, interpreter_skip: str | None = None
 
 
 def interpreted(backend: str, device: str) -> bool:
-    """True for Triton kernels running in the CPU interpreter: tests keep to small shapes there."""
-    return backend == "triton" and device == "cpu"
+    """True for kernels running in an interpreter (Triton's, on the CPU): tests keep to small shapes there."""
+    return backends._why_unavailable(backend) is None and backends.get(backend).interpreted
 
 
 def close(actual, expected, dtype, length: int = 1, factor: float = 4.0, name: str = "value"):

@@ -73,7 +73,7 @@ def test_use_named_backend_then_reset():
         assert backends.current() == "torch"
         assert backends.current("cuda") == "torch"
         ensemble = Ensemble([models.mlp(hidden=(7,)) for _ in range(2)])
-        assert ensemble.engine().backend == "torch"
+        assert ensemble.engine().backend.name == "torch"
     finally:
         backends.use(None)
 
@@ -86,13 +86,35 @@ def test_resolve_named_backend_that_cannot_run_raises():
         ensemble.member_logits(torch.rand(2, 1, 28, 28), backend="nonexistent")
 
 
+def test_backend_named_for_another_device_fails_loudly():
+    """A backend named explicitly is checked against the tensors' device: cpp runs on CPU tensors only."""
+    if "cpp" not in backends.available():
+        pytest.skip("the C++ extension is not built")
+    assert backends.resolve("cpp", "cpu").name == "cpp"
+    with pytest.raises(backends.BackendUnavailable, match="'cpp' runs on cpu tensors, got tensors on cuda"):
+        backends.resolve("cpp", "cuda")
+    assert backends.resolve("torch", "cuda").name == "torch"  # torch runs on every device
+
+
+def test_backends_are_objects_with_capabilities():
+    """Code asks these fields, never a name: the torch backend has the chain Functions (ATen products) but
+    no plain chain and no fused perturbed layer; cpp adds the plain chain (member-parallel products)."""
+    torch_backend = backends.get("torch")
+    assert torch_backend.chain_products is not None and not torch_backend.plain_chain
+    assert torch_backend.perturbed_linear is None and not torch_backend.own_plain_epilogue
+    assert backends.get("torch") is torch_backend  # one object per backend
+    if "cpp" in backends.available():
+        cpp = backends.get("cpp")
+        assert cpp.plain_chain and cpp.chain_products is not None and cpp.device_types == ("cpu",)
+
+
 def test_env_var_forces_torch(monkeypatch):
     # _why_unavailable is cached per name, but current() reads FASTJAC_BACKEND on every call
     monkeypatch.setenv("FASTJAC_BACKEND", "torch")
     assert backends.current() == "torch"
-    assert backends.resolve(None) == "torch"
+    assert backends.resolve(None).name == "torch"
     ensemble = Ensemble([models.mlp(hidden=(7,)) for _ in range(2)])
-    assert ensemble.engine().backend == "torch"
+    assert ensemble.engine().backend.name == "torch"
     monkeypatch.delenv("FASTJAC_BACKEND")
     automatic = backends.current()
     assert automatic in backends.available()

@@ -167,12 +167,14 @@ def test_recorded_chain_functions_gradcheck_float64(backend, shared):
     relus = (True, True, False)
     x = torch.randn(*(() if shared else (members,)), 5, widths[0], dtype=F64, requires_grad=True)
 
+    chosen = fastjac.backends.get(backend)
+
     def logits(x, *params):
-        return linear_chain.chain_logits(backend, x, params[:3], params[3:], relus)
+        return linear_chain.chain_logits(chosen, x, params[:3], params[3:], relus)
 
     assert torch.autograd.gradcheck(logits, (x, *weights, *biases))
-    record = linear_chain.ChainRecord(backend, relus, weights)
-    linear_chain.chain_logits(backend, x.detach(), [w.detach() for w in weights], [b.detach() for b in biases],
+    record = linear_chain.ChainRecord(chosen, relus, weights)
+    linear_chain.chain_logits(chosen, x.detach(), [w.detach() for w in weights], [b.detach() for b in biases],
                               relus, record)
     v = reference.sphere_projections(2, 5, widths[-1], dtype=F64)
     for target in ("members", "ensemble"):

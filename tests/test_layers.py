@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastjac import Ensemble, jacobian_penalty, layers
+from fastjac import Ensemble, backends, jacobian_penalty, layers
 from fastjac.engine import Engine
 from fastjac.testing import RTOL64
 from tests.engine_cases import (F64, assert_logits_match_reference, assert_penalty_matches_reference, make_input,
@@ -234,7 +234,7 @@ def test_batchnorm_penalty_gradcheck(train, mode):
     projections = make_projections(mode, 2, x, 5)
 
     def penalty(*values):
-        run = Engine(graph, {**state, **dict(zip(names, values))}, "torch")
+        run = Engine(graph, {**state, **dict(zip(names, values))}, backends.get("torch"))
         if mode == "jvp":
             return run.forward(x, projections)[1].pow(2).sum()
         _, _, tape = run.forward(x, record=True)

@@ -6,12 +6,13 @@ The MLP cases of tests/test_engine.py run through this Function as well (backend
 it is also checked that they do, and the layer-by-layer engine path is kept under test for MLPs.
 """
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
-from fastjac import Ensemble
+from fastjac import Ensemble, backends
 from fastjac.jacobian import make_projections, penalty_and_logits
 from fastjac.ops import linear_chain
 from fastjac.testing import (RTOL64, assert_close, assert_grads_close, assert_penalty_matches_reference, stacked_grads,
@@ -23,10 +24,10 @@ BACKENDS = backend_devices()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def needs_chain(backend, backends, name):
-    """Skip, naming the reason, where the chain Function does not run (``linear_chain.<name>``)."""
-    if backend not in backends:
-        pytest.skip(f"the chain Function does not run on {backend!r} (linear_chain.{name} = {backends})")
+def needs_chain(backend, capability):
+    """Skip, naming the reason, where the chain Function does not run (``Backend.<capability>`` is off)."""
+    if not getattr(backends.get(backend), capability):
+        pytest.skip(f"the chain Function does not run on {backend!r} (Backend.{capability} is off)")
 
 
 def make_input(batch, dtype=F64, seed=1, device="cpu"):
@@ -67,14 +68,14 @@ def chain_inputs(members, widths, batch, relus, biases, per_member, seed=0, marg
 def test_gradcheck_float64(backend, device, mode, target, per_member, relus, biases):
     """On 'cpp' the products are the extension's member-parallel ones (rows split into blocks when the
     tests run with several threads: see test_member_parallel_products_match_aten)."""
-    needs_chain(backend, linear_chain.JR_BACKENDS, "JR_BACKENDS")
+    needs_chain(backend, "chain_products")
     members, batch, nproj = 2, 3, 2
     widths = (4, 5, 3) if len(relus) == 2 else (4, 3, 5, 3)
     x, weights, bias_list = chain_inputs(members, widths, batch, relus, biases, per_member, device=device)
     g = torch.Generator().manual_seed(7)
     projections = (torch.randn(nproj, batch, widths[-1], generator=g, dtype=F64) if mode == "vjp"
                    else torch.randn(nproj, batch, widths[0], generator=g, dtype=F64)).to(device)
-    spec = linear_chain.ChainSpec(mode, target, relus, biases, 0.7, backend)
+    spec = linear_chain.ChainSpec(mode, target, relus, biases, 0.7, backends.get(backend))
     params = [p.requires_grad_() for p in weights + [b for b in bias_list if b is not None]]
     count = len(weights)
 
@@ -103,7 +104,7 @@ def single_linear():
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
 @pytest.mark.parametrize("target", ["members", "ensemble"])
 def test_chains_match_reference_float64(backend, device, build, mode, target):
-    needs_chain(backend, linear_chain.JR_BACKENDS, "JR_BACKENDS")
+    needs_chain(backend, "chain_products")
     torch.manual_seed(0)
     mods = [build().to(device, F64).eval() for _ in range(3)]
     ensemble = Ensemble(copy.deepcopy(mods)).eval()
@@ -126,7 +127,7 @@ def _grad_fn_names(tensor):
 
 
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
-def test_mlp_takes_the_chain_path_and_the_engine_path_agrees(monkeypatch, mode):
+def test_mlp_takes_the_chain_path_and_the_engine_path_agrees(mode):
     """An MLP on torch runs the chain Function; with it switched off, the layer-by-layer engine (the
     Triton backend's path for MLPs) gives the same logits, penalty and gradients."""
     torch.manual_seed(0)
@@ -137,13 +138,14 @@ def test_mlp_takes_the_chain_path_and_the_engine_path_agrees(monkeypatch, mode):
     projections = projections_for(mode, 2, x, 10)
 
     def run():
-        logits, penalty = penalty_and_logits(ensemble, x, mode=mode, projections=projections, backend="torch")
+        logits, penalty = penalty_and_logits(ensemble, x, mode=mode, projections=projections, backend=chosen)
         value = (upstream_weights(3) * penalty).sum() + logits.square().mean()
         return logits, penalty, stacked_grads(ensemble, value), _grad_fn_names(penalty)
 
+    chosen = backends.get("torch")
     logits, penalty, grads, names = run()
     assert "ChainPenaltyBackward" in names
-    monkeypatch.setattr(linear_chain, "JR_BACKENDS", ())
+    chosen = dataclasses.replace(chosen, chain_products=None)  # the chain Function off, as on Triton
     engine_logits, engine_penalty, engine_grads_, engine_names = run()
     assert "ChainPenaltyBackward" not in engine_names
     assert_close(logits, engine_logits, rtol=RTOL64, atol=0, name="logits")
@@ -170,10 +172,8 @@ def test_input_that_requires_grad_takes_the_engine():
 def test_member_parallel_products_match_aten(threads, members, rows):
     """stacked_addmm_ in every form the chain uses (shared and per-member inputs, bias, transposed
     operands, accumulation) equals ATen's products, with rows split over 1 to 3 threads."""
-    pytest.importorskip("fastjac._C", reason="the C++ extension is not built")
-    from fastjac import _C
-
-    parallel = linear_chain.MemberParallelProducts(_C)
+    if "cpp" not in backends.available():
+        pytest.skip("the C++ extension is not built")
     aten = linear_chain.ATenProducts
     g = torch.Generator().manual_seed(0)
     shared = torch.randn(rows, 9, generator=g, dtype=F64)
@@ -184,6 +184,7 @@ def test_member_parallel_products_match_aten(threads, members, rows):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        parallel = backends.get("cpp").chain_products()  # built per pass: it reads the thread count
         for h in (shared, per_member):
             for b in (None, bias):
                 assert_close(parallel.linear(h, weight, b), aten.linear(h, weight, b), rtol=1e-13, atol=1e-13,
@@ -221,7 +222,7 @@ def test_member_parallel_products_reject_bad_shapes():
 @pytest.mark.parametrize("per_member", [False, True])
 @pytest.mark.parametrize("relus,biases", [((True, False), (True, True)), ((False, True, True), (False, True, False))])
 def test_chain_logits_gradcheck_float64(backend, device, per_member, relus, biases):
-    needs_chain(backend, linear_chain.JR_BACKENDS, "JR_BACKENDS")
+    needs_chain(backend, "chain_products")
     members, batch = 2, 3
     widths = (4, 5, 3) if len(relus) == 2 else (4, 3, 5, 3)
     x, weights, bias_list = chain_inputs(members, widths, batch, relus, biases, per_member, device=device)
@@ -230,17 +231,17 @@ def test_chain_logits_gradcheck_float64(backend, device, per_member, relus, bias
 
     def f(*flat):
         ws, rest = list(flat[:count]), list(flat[count:])
-        return linear_chain.chain_logits(backend, x, ws, [rest.pop(0) if has else None for has in biases], relus)
+        return linear_chain.chain_logits(backends.get(backend), x, ws, [rest.pop(0) if has else None for has in biases], relus)
 
     assert torch.autograd.gradcheck(f, params)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("per_member", [False, True])
-def test_plain_pass_takes_the_chain_and_matches_the_engine_and_the_members(monkeypatch, backend, device, per_member):
+def test_plain_pass_takes_the_chain_and_matches_the_engine_and_the_members(backend, device, per_member):
     """A plain training pass of an MLP on a PLAIN_BACKENDS backend runs ChainLogits; its logits and
     parameter gradients equal the layer-by-layer engine's and the unstacked members'."""
-    needs_chain(backend, linear_chain.PLAIN_BACKENDS, "PLAIN_BACKENDS")
+    needs_chain(backend, "plain_chain")
     torch.manual_seed(0)
     mods = [nn.Sequential(nn.Flatten(), nn.Linear(784, 6, bias=False), nn.ReLU(), nn.Identity(), nn.Linear(6, 5),
                           nn.Flatten(), nn.Linear(5, 4), nn.ReLU()).to(device, F64) for _ in range(3)]
@@ -248,13 +249,14 @@ def test_plain_pass_takes_the_chain_and_matches_the_engine_and_the_members(monke
     x = torch.rand(3, 4, 1, 28, 28, dtype=F64, device=device) if per_member else make_input(4, device=device)
 
     def run():
-        logits = ensemble.member_logits(x, per_member=per_member, backend=backend)
+        logits = ensemble.member_logits(x, per_member=per_member, backend=chosen)
         value = (upstream_weights(3).to(device).view(-1, 1, 1) * logits.square()).sum()
         return logits, stacked_grads(ensemble, value), _grad_fn_names(logits)
 
+    chosen = backends.get(backend)
     logits, grads, names = run()
     assert "ChainLogitsBackward" in names
-    monkeypatch.setattr(linear_chain, "PLAIN_BACKENDS", ())
+    chosen = dataclasses.replace(chosen, plain_chain=False)
     engine_logits, engine_grads_, engine_names = run()
     assert "ChainLogitsBackward" not in engine_names
     assert_close(logits, engine_logits, rtol=RTOL64, atol=0, name="logits")

@@ -3,7 +3,6 @@ of ONE pass, equal to the separate calls (member_logits / the model, and the pen
 import pytest
 import torch
 
-import fastjac
 from fastjac import Ensemble, jacobian_penalty, models
 from fastjac.jacobian import make_projections
 from tests.helpers import assert_close

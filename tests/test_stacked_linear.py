@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastjac
+from fastjac import backends
 from fastjac.ops import stacked_linear as sl
 from tests.helpers import backend_devices, close, interpreted, needs_backend
 
@@ -62,7 +63,7 @@ def reference(x, weight, bias, streams, relu):
 
 
 def run_launchers(backend, x, weight, bias, streams, relu, upstream, needs_x_grad=True):
-    forward, backward = sl.launchers(backend)
+    forward, backward = backends.get(backend).stacked_linear
     out, mask = forward(x, weight, bias, streams, relu)
     grads = backward(upstream, x, weight, mask, streams, bias is not None, needs_x_grad)
     return (out, mask, *grads)
@@ -138,7 +139,7 @@ def test_gradcheck_float64(backend, device, relu, has_bias, shared):
     inputs = (x.requires_grad_(), weight.requires_grad_()) + ((bias.requires_grad_(),) if has_bias else ())
 
     def f(x, weight, bias=None):
-        return sl.stacked_linear(x, weight, bias, streams, relu, backend)[0]
+        return sl.stacked_linear(x, weight, bias, streams, relu, backends.get(backend))[0]
 
     assert torch.autograd.gradcheck(f, inputs, fast_mode=interpreted(backend, device))
 
@@ -149,7 +150,7 @@ def test_autograd_without_x_grad(backend, device):
     x, weight, bias = make_inputs((4, 3, 3, 5), True, True, F64, device=device)
     weight.requires_grad_()
     bias.requires_grad_()
-    sl.stacked_linear(x, weight, bias, 3, True, backend)[0].square().sum().backward()
+    sl.stacked_linear(x, weight, bias, 3, True, backends.get(backend))[0].square().sum().backward()
     assert x.grad is None and weight.grad is not None and bias.grad is not None
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastjac
+from fastjac import backends
 from fastjac.ops import stream_epilogue as se
 from tests.helpers import backend_devices, close, interpreted, needs_backend
 
@@ -69,7 +70,7 @@ def test_launchers_match_reference(backend, device, case, has_bias, relu, dtype)
     ref_out, ref_mask = reference(y64, b64, rep, relu)
     ref_out.backward(upstream)
 
-    forward, backward = se.launchers(backend)
+    forward, backward = backends.get(backend).stream_epilogue
     out, mask = forward(y, bias, rep, relu)
     grad_y, grad_bias = backward(upstream.to(device, dtype), mask, 0 if bias is None else bias.shape[1], rep,
                                  has_bias)
@@ -92,7 +93,7 @@ def test_launchers_match_reference(backend, device, case, has_bias, relu, dtype)
 @pytest.mark.parametrize("case", [(1, 3, 3, 5, 4), (4, 3, 1, 7, 1)], ids=str)
 def test_gradcheck_float64(backend, device, relu, has_bias, case):
     y, bias = make_inputs(case, has_bias, F64, device)
-    launchers = se.launchers(backend)
+    launchers = backends.get(backend).stream_epilogue
     rep = case[4]
     inputs = (y.requires_grad_(),) + ((bias.requires_grad_(),) if has_bias else ())
 
@@ -103,16 +104,21 @@ def test_gradcheck_float64(backend, device, relu, has_bias, case):
 
 
 def test_launchers_selection():
-    assert se.launchers("torch") == se.TORCH_LAUNCHERS
-    assert se.launchers("cuda") == se.TORCH_LAUNCHERS  # no CUDA kernel of its own: ATen's ops on the GPU
-    with pytest.raises(ValueError, match="unknown backend"):
-        se.launchers("fortran")
+    assert backends.get("torch").stream_epilogue == se.TORCH_LAUNCHERS
+    with pytest.raises(backends.BackendUnavailable, match="unknown backend"):
+        backends.get("fortran")
+
+
+@needs_backend("cuda")
+def test_cuda_launchers_are_atens():
+    assert backends.get("cuda").stream_epilogue == se.TORCH_LAUNCHERS  # no CUDA kernel of its own
 
 
 @needs_backend("cpp")
 def test_launchers_cpp_are_the_extension_ops():
     """The extension's kernels through the dispatcher (torch.ops.fastjac: visible to torch.compile)."""
-    assert se.launchers("cpp") == (torch.ops.fastjac.stream_epilogue_forward, torch.ops.fastjac.stream_epilogue_backward)
+    assert backends.get("cpp").stream_epilogue == (torch.ops.fastjac.stream_epilogue_forward,
+                                                   torch.ops.fastjac.stream_epilogue_backward)
 
 
 @needs_backend("cpp")

@@ -1,7 +1,7 @@
 """The stacked engine on the Triton backend against the reference: logits, penalties and parameter
 gradients (both modes, both targets), and SGD-UAP with the fused perturbed first layer.
 
-The Triton tensors live on the backend's device (``fastjac.verify.backend_device``: a GPU when one
+The Triton tensors live on the backend's device (``fastjac.backends.device_for``: a GPU when one
 exists, else the CPU under the interpreter); the reference runs in float64 on the CPU, on copies of the
 same values. Tiny odd shapes keep the interpreter fast."""
 import copy
@@ -14,11 +14,11 @@ from fastjac import reference
 from fastjac.ensemble import Ensemble
 from fastjac.jacobian import jacobian_penalty, make_projections
 from fastjac.uap import sgd_uap
-from fastjac.verify import backend_device
+from fastjac.backends import device_for
 from tests.helpers import assert_close, needs_backend
 
 pytestmark = needs_backend("triton")
-DEVICE = backend_device("triton")
+DEVICE = device_for("triton")
 
 
 def tiny_mlp():

@@ -34,6 +34,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 import triton.language as tl  # noqa: E402 (after the skips)
 
+from fastjac import backends  # noqa: E402
 from fastjac.kernels import _common  # noqa: E402
 from fastjac.kernels import stacked_linear as k_linear  # noqa: E402
 from fastjac.kernels import stream_epilogue as k_epilogue  # noqa: E402
@@ -41,9 +42,9 @@ from fastjac.kernels import uap_step as k_uap  # noqa: E402
 from fastjac.ops import stacked_linear as ops_linear  # noqa: E402
 from fastjac.ops import stream_epilogue as ops_epilogue  # noqa: E402
 from fastjac.ops import uap_step as ops_uap  # noqa: E402
-from fastjac.verify import backend_device  # noqa: E402
+from fastjac.backends import device_for  # noqa: E402
 
-DEVICE = backend_device("triton")
+DEVICE = device_for("triton")
 EPS32 = torch.finfo(torch.float32).eps
 gpu_configs = _common.gpu_configs
 
@@ -250,7 +251,7 @@ def test_perturbed_linear_triton_gradcheck_float64():
     weight, bias = randn(2, 3, 4, dtype=torch.float64), randn(2, 3, dtype=torch.float64)
     for relu in (True, False):
         assert torch.autograd.gradcheck(
-            lambda d: ops_uap.perturbed_linear(x, d, weight, bias, relu=relu, backend="triton")[0],
+            lambda d: ops_uap.perturbed_linear(x, d, weight, bias, relu, backends.get("triton"))[0],
             (delta.clone().requires_grad_(),), fast_mode=True)
 
 
@@ -259,7 +260,7 @@ def test_perturbed_linear_is_differentiable_in_delta_only():
     weight = randn(2, 4, 3, dtype=torch.float64).requires_grad_()
     bias = randn(2, 4, dtype=torch.float64).requires_grad_()
     delta.requires_grad_()
-    out, mask = ops_uap.perturbed_linear(x, delta, weight, bias, relu=True, backend="triton")
+    out, mask = ops_uap.perturbed_linear(x, delta, weight, bias, True, backends.get("triton"))
     assert not mask.requires_grad
     grad_out = torch.randn_like(out)
     (out * grad_out).sum().backward()
@@ -270,16 +271,17 @@ def test_perturbed_linear_is_differentiable_in_delta_only():
 
 def test_perturbed_linear_checks_its_arguments_before_any_launch():
     x, delta, weight = torch.rand(2, 5), torch.rand(3, 5), torch.randn(2, 4, 5)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        ops_uap.perturbed_linear(x, delta, weight, backend="torch")
+    triton = backends.get("triton")
+    with pytest.raises(ValueError, match="backend 'torch' has no fused perturbed first layer"):
+        ops_uap.perturbed_linear(x, delta, weight, None, False, backends.get("torch"))
     with pytest.raises(ValueError, match="features"):
-        ops_uap.perturbed_linear(x, delta, torch.randn(2, 4, 6))
+        ops_uap.perturbed_linear(x, delta, torch.randn(2, 4, 6), None, False, triton)
     with pytest.raises(ValueError, match="share"):
-        ops_uap.perturbed_linear(x, torch.rand(3, 4), weight)
+        ops_uap.perturbed_linear(x, torch.rand(3, 4), weight, None, False, triton)
     with pytest.raises(ValueError, match="bias"):
-        ops_uap.perturbed_linear(x, delta, weight, torch.randn(4))
+        ops_uap.perturbed_linear(x, delta, weight, torch.randn(4), False, triton)
     with pytest.raises(TypeError, match="dtype"):
-        ops_uap.perturbed_linear(x, delta.double(), weight)
+        ops_uap.perturbed_linear(x, delta.double(), weight, None, False, triton)
 
 
 # ------------------------------------------------------------------------------ precision, keys, devices

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastjac import backends
 from fastjac.ops import uap_step as ops
 from tests.helpers import backend_devices, close, interpreted
 
@@ -25,7 +26,7 @@ def kink_free(b, k, shape, dtype=F64, device="cpu"):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("b,k,shape", [(1, 1, (5,)), (3, 3, (7,)), (3, 1, (2, 3))], ids=str)
 def test_perturb_matches_reference(backend, device, b, k, shape):
-    perturb_forward, perturb_backward, _ = ops.launchers(backend)
+    perturb_forward, perturb_backward = backends.get(backend).perturb
     x, delta = kink_free(b, k, shape, F32, device)
     out = perturb_forward(x, delta)
     expected = torch.stack([torch.clamp(x + delta[i], 0.0, 1.0) for i in range(k)])  # [K, B, *shape]
@@ -39,7 +40,7 @@ def test_perturb_matches_reference(backend, device, b, k, shape):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_perturb_backward_bounds_inclusive(backend, device):
     """x + delta exactly 0 or 1 passes the gradient (torch.clamp's convention); outside does not."""
-    _, perturb_backward, _ = ops.launchers(backend)
+    _, perturb_backward = backends.get(backend).perturb
     x = torch.tensor([[0.0, 1.0, 0.25, 0.5, 1.0, 0.0]], device=device)
     delta = torch.tensor([[0.0, 0.0, -0.25, 0.5, 0.5, -0.5]], device=device)
     grad = torch.ones(1, 1, 6, device=device)
@@ -50,7 +51,7 @@ def test_perturb_backward_bounds_inclusive(backend, device):
 @pytest.mark.parametrize("shape", [(4,), (2, 2)], ids=str)
 def test_perturb_gradcheck_float64(backend, device, shape):
     x, delta = kink_free(3, 2, shape, device=device)
-    assert torch.autograd.gradcheck(lambda d: ops.perturb(x, d, backend), (delta.requires_grad_(),),
+    assert torch.autograd.gradcheck(lambda d: ops.perturb(x, d, backends.get(backend).perturb), (delta.requires_grad_(),),
                                     fast_mode=interpreted(backend, device))
 
 
@@ -64,7 +65,7 @@ def test_sign_step_matches_reference(backend, device, dtype, k, shape):
     grad.view(-1)[::3] = 0.0  # sign 0: the entry only gets projected
     step = (torch.rand(k, generator=generator) * 0.05).to(device)
     eps = (torch.rand(k, generator=generator) * 0.1 + 0.01).to(device)  # smaller than some |delta|: clamp active
-    out = ops.sign_step(delta, grad, step, eps, backend)
+    out = ops.sign_step(delta, grad, step, eps, backends.get(backend).sign_step)
     expected = torch.stack([torch.clamp(delta[i] + step[i].to(dtype) * torch.sign(grad[i]), -eps[i].to(dtype),
                                         eps[i].to(dtype)) for i in range(k)])
     assert out.dtype == dtype and torch.equal(out, expected)

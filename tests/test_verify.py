@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from fastjac import verify as verify_module
-from fastjac.verify import backend_device, verify
+from fastjac.backends import device_for
+from fastjac.verify import verify
 from tests.helpers import needs_backend
 
 GPU = torch.cuda.is_available()
@@ -15,12 +16,12 @@ GPU = torch.cuda.is_available()
     ("torch", "cpu", "cpu"), ("torch", "cuda:1", "cuda:1"),
     ("triton", "cpu", "cuda" if GPU else "cpu"), ("triton", "cuda:1", "cuda:1" if GPU else "cpu"),
 ])
-def test_backend_device(name, requested, expected):
-    assert backend_device(name, requested) == torch.device(expected)
+def test_device_for(name, requested, expected):
+    assert device_for(name, requested) == torch.device(expected)
 
 
-def test_backend_device_default_is_cuda_when_available():
-    assert backend_device("torch") == torch.device("cuda" if GPU else "cpu")
+def test_device_for_default_is_cuda_when_available():
+    assert device_for("torch") == torch.device("cuda" if GPU else "cpu")
 
 
 @needs_backend("cpp")

@@ -22,8 +22,12 @@ and every parameter gradient by hand in backward, with the fewest products and n
 Versus the layer-by-layer engine under autograd (fastjac.engine) this removes the per-layer autograd
 nodes, the mask casts and the gradient accumulation passes. The products are ATen GEMMs (MKL on the
 CPU, cuBLAS on a GPU) on the torch and cuda backends, and the C++ extension's member-parallel BLAS
-calls on cpp (``products``). Neither x nor the projections get a gradient (a training step needs
-none): callers with an input that requires grad use the engine.
+calls on cpp (``MemberParallelProducts``): each backend says which (``Backend.chain_products``; None
+where the chain does not run, e.g. Triton, which has kernels of its own for the layer-by-layer engine).
+The JR Function pays off on every backend with chain products (it removes autograd overhead: ~11% of a
+vjp step); the plain one only where the products are the member-parallel ones (``Backend.plain_chain``:
+cpp, 7-10% of a plain step at 2 threads). Neither the projections nor x get a gradient from the penalty
+(the masks are constant almost everywhere); ``ChainLogits`` forms x's gradient when x requires grad.
 """
 from __future__ import annotations
 
@@ -31,15 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastjac.ops import native
 from fastjac.ops.stacked_linear import stacked_product
-
-# Where the chain Functions run (the engine and jacobian ask here). The JR Function pays off on every
-# backend whose products are ATen GEMMs (it removes autograd overhead: ~11% of a vjp step); the plain
-# one only where its products are the member-parallel ones (cpp: 7-10% of a plain step at 2 threads,
-# ~2.5% at one; elsewhere it would only replace autograd's bookkeeping of three products).
-JR_BACKENDS = ("torch", "cpp", "cuda")
-PLAIN_BACKENDS = ("cpp",)
 
 _relu_backward = torch.ops.aten.threshold_backward.default  # g * (activation > 0), one fused pass
 _relu_backward_out = torch.ops.aten.threshold_backward.grad_input
@@ -52,7 +48,7 @@ class ChainSpec:
     relus: tuple              # per layer: a ReLU follows
     biases: tuple             # per layer: the layer has a bias
     scale: float              # the estimator's factor (vjp: C / (P*B), or 1/B for the exact basis; jvp: 1/(P*B))
-    backend: str = "torch"    # whose products: see ``products``
+    backend: object           # a fastjac.backends.Backend: whose products (``Backend.chain_products``)
 
 
 class ATenProducts:
@@ -117,14 +113,6 @@ class MemberParallelProducts:
             return self.matmul(grad_out.transpose(1, 2), h)
         self.addmm_(grad_weight, grad_out.transpose(1, 2), h, None, True)
         return grad_weight
-
-
-def products(backend: str):
-    """The product implementation the chain uses on ``backend``: the C++ extension's member-parallel
-    products on 'cpp' (measured ~10% faster GEMMs at 2 threads, the same at 1), ATen's elsewhere."""
-    if backend == "cpp":
-        return MemberParallelProducts(native.OPS)
-    return ATenProducts
 
 
 def _masked(g: torch.Tensor, activation: torch.Tensor, streams: int) -> torch.Tensor:
@@ -225,9 +213,9 @@ class ChainLogits(torch.autograd.Function):
     pass later (``RecordedPenalty``: ``fastjac.JacobianReg`` on an Ensemble's output)."""
 
     @staticmethod
-    def forward(ctx, backend: str, relus: tuple, has_bias: tuple, record, x, *params):
+    def forward(ctx, backend, relus: tuple, has_bias: tuple, record, x, *params):
         weights, biases = _split(params, has_bias)
-        inputs, output = _forward_layers(products(backend), x, weights, biases, relus, x.shape[-2], 1)
+        inputs, output = _forward_layers(backend.chain_products(), x, weights, biases, relus, x.shape[-2], 1)
         ctx.save_for_backward(*inputs, output, *weights)
         ctx.backend, ctx.relus, ctx.has_bias = backend, relus, has_bias
         if record is not None:
@@ -240,7 +228,7 @@ class ChainLogits(torch.autograd.Function):
         saved = ctx.saved_tensors
         inputs, output, weights = saved[:layers], saved[layers], saved[layers + 1:]
         grad_weights = [None] * layers
-        grad_biases, grad_x = _backward_layers(products(ctx.backend), grad_logits.contiguous(), inputs, output,
+        grad_biases, grad_x = _backward_layers(ctx.backend.chain_products(), grad_logits.contiguous(), inputs, output,
                                                weights, ctx.relus, ctx.has_bias, grad_logits.shape[1], 1,
                                                grad_weights, input_grad=ctx.needs_input_grad[4])
         return (None, None, None, None, grad_x, *_join(grad_weights, grad_biases, ctx.has_bias))
@@ -251,12 +239,12 @@ class ChainRecord:
     weights [M, OUT, IN] (the autograd leaves the penalty's gradient flows to), and, once the forward ran,
     each layer's input (``inputs[0]`` is x) and the output [M, B, C] (primal post-activations, no graph)."""
 
-    def __init__(self, backend: str, relus: tuple, weights):
+    def __init__(self, backend, relus: tuple, weights):
         self.backend, self.relus, self.weights = backend, tuple(relus), list(weights)
         self.inputs, self.output = None, None
 
 
-def chain_logits(backend: str, x: torch.Tensor, weights, biases, relus, record: ChainRecord | None = None):
+def chain_logits(backend, x: torch.Tensor, weights, biases, relus, record: ChainRecord | None = None):
     """Member logits [M, B, C] of the stacked chain; x [B, IN] shared or [M, B, IN]. Differentiable w.r.t.
     the weights, the biases and x; ``record`` (optional) receives the forward's saved activations."""
     has_bias = tuple(bias is not None for bias in biases)
@@ -269,9 +257,9 @@ class RecordedPenalty(torch.autograd.Function):
     forward: only the cotangent chain runs (no second forward). Differentiable w.r.t. the weights."""
 
     @staticmethod
-    def forward(ctx, backend: str, relus: tuple, target: str, scale: float, nproj: int, activations, c, *weights):
+    def forward(ctx, backend, relus: tuple, target: str, scale: float, nproj: int, activations, c, *weights):
         inputs, output = activations
-        ops = products(backend)
+        ops = backend.chain_products()
         cotangent, masked = _cotangent_chain(ops, c.expand(weights[0].shape[0], *c.shape), inputs, output,
                                              weights, relus, nproj)
         penalty, squared = _squared_norms(cotangent, target)
@@ -288,7 +276,7 @@ class RecordedPenalty(torch.autograd.Function):
         factor = 2.0 * ctx.scale / (members if ctx.target == "ensemble" else 1)
         grad_c = ((factor * grad_penalty.view(-1, 1, 1)) * squared).expand(members, *squared.shape[1:])
         grad_weights = [None] * layers
-        _cotangent_chain_backward(products(ctx.backend), grad_c, masked, inputs, weights, ctx.relus, ctx.nproj,
+        _cotangent_chain_backward(ctx.backend.chain_products(), grad_c, masked, inputs, weights, ctx.relus, ctx.nproj,
                                   grad_weights)
         return (None,) * 7 + tuple(grad_weights)
 
@@ -305,7 +293,7 @@ class ChainPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: ChainSpec, x, projections, *params):
         weights, biases = _split(params, spec.biases)
-        ops = products(spec.backend)
+        ops = spec.backend.chain_products()
         streams = 1 if spec.mode == "vjp" else 1 + projections.shape[0]
         batch = x.shape[-2]
         members = weights[0].shape[0]
@@ -336,7 +324,7 @@ class ChainPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logits, grad_penalty):
         spec, layers = ctx.spec, ctx.layers
-        ops = products(spec.backend)
+        ops = spec.backend.chain_products()
         saved = ctx.saved_tensors
         inputs, output, squared = saved[:layers], saved[layers], saved[layers + 1]
         weights = saved[-layers:]

@@ -15,6 +15,7 @@ Shapes (see the ops' modules for the semantics):
     stacked_linear_backward(grad_out [M,R,OUT], x, weight, mask?, streams, has_bias, needs_x_grad)
         -> (grad_x like x?, grad_weight like weight, grad_bias [M,OUT]?)
     stacked_addmm_(out [M,P,Q] (written), a [M,P,K], b [M,K,Q], bias [M,Q]?, accumulate) -> ()
+    uap_step(delta [K,*in], grad like delta, step [K], eps [K]) -> like delta   (CUDA builds, float32)
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastjac::stacked_addmm_")
     def _(out, a, b, bias, accumulate):
         return None
+
+    @torch.library.register_fake("fastjac::uap_step")
+    def _(delta, grad, step, eps):
+        return torch.empty_like(delta)
 
 
 def _register_autograd() -> None:

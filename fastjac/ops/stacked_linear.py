@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from fastjac.ops import native
 from fastjac.ops import stream_epilogue as epi
 
 
@@ -67,25 +66,10 @@ def stacked_linear_backward(grad_out, x, weight, mask, streams: int, has_bias: b
     return grad_x, grad_weight, grad_bias
 
 
-def launchers(backend: str):
-    """(forward, backward) launchers of ``backend``; see the module docstring for the signatures."""
-    if backend == "torch":
-        return stacked_linear_forward, stacked_linear_backward
-    if backend == "cpp":
-        return native.OPS.stacked_linear_forward, native.OPS.stacked_linear_backward
-    if backend == "triton":
-        from fastjac.kernels import stacked_linear as kernel
-
-        return kernel.stacked_linear_forward, kernel.stacked_linear_backward
-    if backend == "cuda":  # the CUDA extension has no GEMM of its own: cuBLAS via ATen is the fast path
-        return stacked_linear_forward, stacked_linear_backward
-    raise ValueError(f"stacked_linear: unknown backend {backend!r}")
-
-
 class StackedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, streams, relu, backend):
-        forward_launcher, ctx.backward_launcher = launchers(backend)
+    def forward(ctx, x, weight, bias, streams, relu, launchers):
+        forward_launcher, ctx.backward_launcher = launchers
         x, weight = x.contiguous(), weight.contiguous()
         out, mask = forward_launcher(x, weight, None if bias is None else bias.contiguous(), streams, relu)
         ctx.save_for_backward(x, weight, mask if mask is not None else torch.empty(0, dtype=torch.bool))
@@ -111,22 +95,22 @@ def stacked_linear_plain(x, weight, bias, relu: bool) -> torch.Tensor:
     return torch.relu(y) if relu else y
 
 
-def stacked_linear(x, weight, bias=None, streams: int = 1, relu: bool = False, backend: str = "torch",
-                   need_mask: bool = True):
-    """Differentiable stacked Linear + stream epilogue on ``backend``. Returns (out [M,R,OUT], mask).
+def stacked_linear(x, weight, bias, streams: int, relu: bool, backend, need_mask: bool = True):
+    """Differentiable stacked Linear + stream epilogue with ``backend``'s launchers (a
+    ``fastjac.backends.Backend``). Returns (out [M,R,OUT], mask).
 
     Without tangent streams and without a caller for the mask (``need_mask=False``: inference, a plain
-    training step, an attack) the CPU backends run ``stacked_linear_plain``: nothing is left to fuse
-    that ATen does not already fuse. With frozen parameters (weight without grad) the product runs as a
-    plain ATen matmul, whose autograd computes the input gradient only: the fused backward would also
-    form the weight gradient nobody asked for.
+    training step, an attack) a backend without epilogue kernels of its own for plain passes runs
+    ``stacked_linear_plain``: nothing is left to fuse that ATen does not already fuse. With frozen
+    parameters (weight without grad) the product runs as a plain ATen matmul, whose autograd computes the
+    input gradient only: the fused backward would also form the weight gradient nobody asked for.
     """
     _check(x, weight, bias, streams)
-    if streams == 1 and not need_mask and backend != "triton":
+    if streams == 1 and not need_mask and not backend.own_plain_epilogue:
         return stacked_linear_plain(x, weight, bias, relu), None
     if not weight.requires_grad and (bias is None or not bias.requires_grad):
         y = stacked_product(x, weight)
         m, rows, out_features = y.shape
-        out, mask = epi.stream_epilogue(y.view(m, streams, -1), bias, 1, relu, epi.launchers(backend))
+        out, mask = epi.stream_epilogue(y.view(m, streams, -1), bias, 1, relu, backend.stream_epilogue)
         return out.view(m, rows, out_features), mask
-    return StackedLinear.apply(x, weight, bias, streams, relu, backend)
+    return StackedLinear.apply(x, weight, bias, streams, relu, backend.stacked_linear)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from fastjac.ops import native
-
 
 def _check(y: torch.Tensor, bias: torch.Tensor | None, rep: int) -> None:
     if y.dim() != 3:
@@ -91,19 +89,7 @@ TORCH_LAUNCHERS = (stream_epilogue_forward, stream_epilogue_backward)
 
 def stream_epilogue(y, bias, rep: int = 1, relu: bool = True, launchers=TORCH_LAUNCHERS):
     """Differentiable stream epilogue; see the module docstring for shapes. Returns (out, mask).
-    Arguments are checked here, once, for every backend's launchers."""
+    ``launchers``: a backend's (forward, backward) pair (``Backend.stream_epilogue``). Arguments are
+    checked here, once, for every backend's launchers."""
     _check(y, bias, rep)
     return StreamEpilogue.apply(y, bias, rep, relu, launchers)
-
-
-def launchers(backend: str):
-    """(forward, backward) launchers of ``backend``; see the module docstring for the signatures."""
-    if backend in ("torch", "cuda"):  # no CUDA launcher of its own: ATen's ops run it on the GPU
-        return TORCH_LAUNCHERS
-    if backend == "cpp":
-        return native.OPS.stream_epilogue_forward, native.OPS.stream_epilogue_backward
-    if backend == "triton":
-        from fastjac.kernels import stream_epilogue as kernel
-
-        return kernel.stream_epilogue_forward, kernel.stream_epilogue_backward
-    raise ValueError(f"stream_epilogue: unknown backend {backend!r}")

@@ -6,7 +6,7 @@
     uap_step(delta [K,*in], grad [K,*in], step [K], eps [K]) -> clamp(delta + step_k*sign(grad), -eps_k, eps_k)
 
 The first layer of an attacked MLP with the perturbation fused into it, on the Triton backend only
-(``PERTURBED_LINEAR_BACKENDS``; kernels/uap_step.py): every row is a primal row (no streams, the ReLU
+(``Backend.perturbed_linear``; kernels/uap_step.py): every row is a primal row (no streams, the ReLU
 mask applies to the rows themselves; row k*B + b is sample b under delta_k):
 
     perturbed_linear_forward(x [B,*in], delta [K,*in], weight [M,OUT,IN], bias [M,OUT] | None, relu)
@@ -58,25 +58,14 @@ def uap_step(delta, grad, step, eps):
     return torch.clamp(delta + _per_k(step, delta) * torch.sign(grad), -_per_k(eps, delta), _per_k(eps, delta))
 
 
-def launchers(backend: str):
-    """(perturb_forward, perturb_backward, uap_step) of ``backend``."""
-    if backend in ("torch", "cpp"):
-        return perturb_forward, perturb_backward, uap_step
-    if backend == "triton":
-        from fastjac.kernels import uap_step as kernel
+def cuda_sign_step(delta, grad, step, eps):
+    """``uap_step`` through the CUDA extension's fused kernel (``torch.ops.fastjac.uap_step``), which is
+    float32-only: other dtypes take the (equivalent) ATen path."""
+    if delta.dtype != torch.float32:
+        return uap_step(delta, grad, step, eps)
+    from fastjac.ops import native
 
-        return kernel.perturb_forward, kernel.perturb_backward, kernel.uap_step
-    if backend == "cuda":
-        from fastjac import _C
-
-        def cuda_uap_step(delta, grad, step, eps):
-            # the CUDA kernel is float32-only; other dtypes take the (equivalent) ATen path
-            if delta.dtype != torch.float32:
-                return uap_step(delta, grad, step, eps)
-            return _C.uap_step(delta, grad, step.to(delta.dtype), eps.to(delta.dtype))
-
-        return perturb_forward, perturb_backward, cuda_uap_step
-    raise ValueError(f"uap_step: unknown backend {backend!r}")
+    return native.OPS.uap_step(delta, grad, step.to(delta.dtype), eps.to(delta.dtype))
 
 
 def _check_perturbed_linear(x, delta, weight, bias) -> None:
@@ -94,14 +83,10 @@ def _check_perturbed_linear(x, delta, weight, bias) -> None:
         raise TypeError("perturbed_linear: x, delta, weight and bias must share one dtype")
 
 
-# Backends with a fused perturbed first layer (the others perturb the batch and run the plain layer).
-PERTURBED_LINEAR_BACKENDS = ("triton",)
-
-
 class Perturb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, delta, backend):
-        forward_launcher, ctx.backward_launcher, _ = launchers(backend)
+    def forward(ctx, x, delta, launchers):
+        forward_launcher, ctx.backward_launcher = launchers
         x, delta = x.contiguous(), delta.contiguous()
         ctx.save_for_backward(x, delta)
         return forward_launcher(x, delta)
@@ -112,28 +97,27 @@ class Perturb(torch.autograd.Function):
         return None, ctx.backward_launcher(grad.contiguous(), x, delta), None
 
 
-def perturb(x, delta, backend: str = "torch"):
-    """clamp(x + delta_k, 0, 1) for every k: [K, B, *in], differentiable w.r.t. delta only."""
+def perturb(x, delta, launchers=(perturb_forward, perturb_backward)):
+    """clamp(x + delta_k, 0, 1) for every k: [K, B, *in], differentiable w.r.t. delta only; ``launchers``:
+    a backend's (forward, backward) pair (``Backend.perturb``)."""
     _check_perturb(x, delta)
-    return Perturb.apply(x, delta, backend)
+    return Perturb.apply(x, delta, launchers)
 
 
-def sign_step(delta, grad, step, eps, backend: str = "torch"):
-    """One SGD-UAP update of K perturbations (no autograd)."""
+def sign_step(delta, grad, step, eps, launcher=uap_step):
+    """One SGD-UAP update of K perturbations (no autograd) with a backend's ``Backend.sign_step``."""
     _check_step(delta, grad)
-    return launchers(backend)[2](delta.contiguous(), grad.contiguous(), step, eps)
+    return launcher(delta.contiguous(), grad.contiguous(), step, eps)
 
 
 class PerturbedLinear(torch.autograd.Function):
     """The first Linear of every member on the K perturbed batches; differentiable w.r.t. delta only."""
 
     @staticmethod
-    def forward(ctx, x, delta, weight, bias, relu):
-        from fastjac.kernels import uap_step as kernel
-
-        ctx.backward_launcher = kernel.perturbed_linear_backward
+    def forward(ctx, x, delta, weight, bias, relu, launchers):
+        forward_launcher, ctx.backward_launcher = launchers
         x, delta, weight = x.contiguous(), delta.contiguous(), weight.contiguous()
-        out, mask = kernel.perturbed_linear_forward(x, delta, weight, None if bias is None else bias.contiguous(), relu)
+        out, mask = forward_launcher(x, delta, weight, None if bias is None else bias.contiguous(), relu)
         ctx.save_for_backward(x, delta, weight, mask if mask is not None else torch.empty(0, dtype=torch.bool))
         ctx.has_mask = mask is not None
         if mask is not None:
@@ -146,18 +130,18 @@ class PerturbedLinear(torch.autograd.Function):
         grad_delta = None
         if ctx.needs_input_grad[1]:
             grad_delta = ctx.backward_launcher(grad_out.contiguous(), x, delta, weight, mask if ctx.has_mask else None)
-        return None, grad_delta, None, None, None
+        return None, grad_delta, None, None, None, None
 
 
-def perturbed_linear(x, delta, weight, bias=None, relu: bool = False, backend: str = "triton"):
-    """relu?(clamp(x + delta_k, 0, 1) @ weight_m^T + bias_m) for every k and member m, on ``backend`` (one
-    of ``PERTURBED_LINEAR_BACKENDS``).
+def perturbed_linear(x, delta, weight, bias, relu: bool, backend):
+    """relu?(clamp(x + delta_k, 0, 1) @ weight_m^T + bias_m) for every k and member m, on ``backend`` (a
+    ``fastjac.backends.Backend`` with a fused ``perturbed_linear``).
 
     Returns (out [M, K*B, OUT], mask [M, K*B*OUT] | None); differentiable w.r.t. delta only (x and the
     parameters are treated as constants, as in an attack on a frozen model).
     """
-    if backend not in PERTURBED_LINEAR_BACKENDS:
-        raise ValueError(f"perturbed_linear: backend must be one of {PERTURBED_LINEAR_BACKENDS}, got {backend!r} "
-                         "(other backends perturb the batch with perturb() and run the plain first layer)")
+    if backend.perturbed_linear is None:
+        raise ValueError(f"perturbed_linear: backend {backend.name!r} has no fused perturbed first layer "
+                         "(it perturbs the batch with perturb() and runs the plain first layer)")
     _check_perturbed_linear(x, delta, weight, bias)
-    return PerturbedLinear.apply(x, delta, weight, bias, relu)
+    return PerturbedLinear.apply(x, delta, weight, bias, relu, backend.perturbed_linear)
