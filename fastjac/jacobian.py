@@ -106,6 +106,8 @@ def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_
         u = projections if projections is not None else make_projections(
             "jvp", nproj, shared_shape, 0, generator=generator, dtype=x.dtype, device=x.device)
         logits, tangents, _ = run.forward(x, u, per_member=per_member)
+        if target == "rows":
+            return logits, _scaled_rows(tangents, 1.0 / (u.shape[0] * batch))
         streams = tangents.mean(0, keepdim=True) if target == "ensemble" else tangents  # J_ens u = mean_m J_m u
         return logits, streams.pow(2).sum(dim=(1, 2, 3)) / (u.shape[0] * batch)
     logits, _, tape = run.forward(x, per_member=per_member, record=True)
@@ -117,9 +119,46 @@ def _tape_penalty(run: engine.Engine, tape, v, scale: float, target: str, batch:
     """Hoffman's estimate from a recorded engine pass: scale * ||v^T J||^2 per member [M], or of J_ens =
     mean_m J_m ([1], target "ensemble"); v [P, B, C]."""
     g = run.cotangent(tape, v, batch)  # [M, P, B, *input]
+    if target == "rows":
+        return _scaled_rows(g, scale)
     if target == "ensemble":
         g = g.mean(0, keepdim=True)
     return scale * g.pow(2).flatten(1).sum(dim=1)
+
+
+def _scaled_rows(rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """Projected rows [M, P, B, ...] (J_m u or v^T J_m) times sqrt(scale) as [M, N] (target "rows")."""
+    return rows.flatten(1) * scale ** 0.5
+
+
+def logits_and_rows(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mode: str = "vjp",
+                    projections: torch.Tensor | None = None, backend: str | None = None, generator=None,
+                    check_values: bool = True):
+    """(member logits [M, B, C], rows [M, N]) of one pass: what the penalty is made of, before the norm.
+
+    rows_m are member m's projected Jacobian rows times sqrt(scale) (the estimator's factor), so that
+    ||rows_m||^2 is its penalty (target "members") and ||mean_m rows_m||^2 the ensemble's (target
+    "ensemble"), with the projections ``penalty_and_logits`` would draw from the same generator. vjp: v^T J_m
+    (N = P*B*D, D the input size); jvp: J_m u (N = P*B*C); mode "exact": the vjp rows of the C basis vectors
+    (nproj = -1: the exact value). For a caller that combines the members itself: ``fastjac.train`` sums
+    them over members held by several ranks (target "ensemble" under torch.distributed).
+    x: [B, *input], shared by the members. Differentiable w.r.t. the parameters.
+    """
+    check_choice(mode, MODES, "mode")
+    if mode == "exact":
+        mode, nproj, projections = "vjp", -1, None
+    check_nproj(nproj, mode)
+    check_values = check_values and not torch.compiler.is_compiling()
+    if check_values:
+        check_inputs(x, "x")
+    if projections is not None:
+        _check_projections(projections, mode, tuple(x.shape), None, check_values)
+    fused = fused_view(model)
+    if fused is None:
+        raise ValueError("logits_and_rows needs an architecture the stacked engine fuses")
+    layers, params = fused
+    run = engine.Engine(layers, params, backends.resolve(backend, x.device.type))
+    return _fused_penalty(run, x, mode, nproj, "rows", projections, False, tuple(x.shape), generator)
 
 
 def _vjp_projections(projections, nproj, shared_shape, classes: int, generator, x):
