@@ -24,6 +24,8 @@ import torch
 import fastjac
 from fastjac import Ensemble, distributed, models
 from fastjac.jacobian import logits_and_rows, penalty_and_logits
+from fastjac.train import make_optimizer
+from tests.helpers import needs_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT_S = 150  # a whole launch on this shared 2-core machine; it takes ~20-40 s when quiet
@@ -218,12 +220,10 @@ def test_world_blocks_are_contiguous_and_cover_every_member():
 
 @pytest.mark.parametrize("arch", ["mlp", "lenet"])
 @pytest.mark.parametrize("mode,nproj", [("vjp", 2), ("jvp", 3), ("vjp", -1), ("exact", 1)])
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", [pytest.param(name, marks=needs_backend(name)) for name in ("torch", "cpp")])
 def test_rows_make_both_targets_penalties(arch, mode, nproj, backend):
     """||mean_m rows_m||^2 is the ensemble target's penalty and ||rows_m||^2 the members target's, with the same
     projections (one generator seed), values and every parameter gradient: what train spreads over ranks."""
-    if backend not in fastjac.backends.available():
-        pytest.skip(f"backend {backend!r} unavailable")
     model = ensemble(arch, 3)
     x = samples(5)[0]
     weights = torch.randn(5, 10, dtype=torch.float64)  # a loss that weighs every logit differently
@@ -260,6 +260,29 @@ def test_chain_rows_function_gradcheck():
         assert torch.autograd.gradcheck(
             lambda w0, b0, w1: linear_chain.chain_penalty(spec, x, projections, [w0, w1], [b0, None]),
             (weights[0], biases[0], weights[1]))
+
+
+def test_member_blocks_refuse_what_cannot_be_spread():
+    """M < R: every rank needs a member (an error, not idle ranks); a single module has no members to spread.
+    A block is this rank's members as an Ensemble of their own, with the state cut and restored by member."""
+    with pytest.raises(ValueError, match="an ensemble of 3 members cannot be spread over 4 ranks"):
+        distributed.MemberBlock(ensemble("mlp", 3), distributed.World(0, 4), "train")
+    with pytest.raises(ValueError, match="needs an Ensemble, got a Sequential"):
+        distributed.MemberBlock(models.mlp(), distributed.World(1, 2), "sgd_uap")
+    model = ensemble("mlp", 5)
+    block = distributed.MemberBlock(model, distributed.World(1, 2), "train")
+    assert block.local.num_members == 2 and list(block.indices) == [3, 4]
+    for name, tensor in block.local.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name][3:5]), name
+    taken = block.take_state(model.state_dict())
+    assert all(torch.equal(taken[name], tensor[3:5]) for name, tensor in model.state_dict().items())
+    optimizer = make_optimizer(model.parameters(), 1e-3)
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()
+    state = block.take_optimizer_state(optimizer.state_dict())
+    for index, parameter in enumerate(model.parameters()):
+        full, cut = optimizer.state_dict()["state"][index], state["state"][index]
+        assert torch.equal(cut["exp_avg"], full["exp_avg"][3:5]) and torch.equal(cut["step"], full["step"])
 
 
 def test_distributed_argument_errors():
@@ -363,20 +386,20 @@ def test_torchrun_train_equals_one_process(target, tmp_path, capsys):
 
 
 def test_torchrun_attack_equals_one_process(tmp_path, capsys):
-    """``torchrun ... -m fastjac attack`` (the data split over 2 ranks, and the members) fits the
-    single-process UAPs of the same model."""
+    """``torchrun --nproc-per-node 2 -m fastjac attack`` (each batch split over the ranks; the member split is
+    checked in float64 by test_ranks_equal_one_process) fits the single-process UAPs of the same model."""
     model = tmp_path / "model.pt"
     _single_cli([*TRAIN_ARGUMENTS, "--out", str(model)], capsys)
     attack = ["attack", "--model", str(model), "--eps", "0.05", "0.1", "--epochs", "2", "--samples", "300"]
     single = _single_cli([*attack, "--out", str(tmp_path / "one")], capsys)
+    spread = _torchrun([*attack, "--out", str(tmp_path / "two")], tmp_path)
     expected = torch.load(tmp_path / "one" / "uap.pt", weights_only=True)["delta"]
-    for parallel in ("data", "members"):
-        spread = _torchrun([*attack, "--parallel", parallel, "--out", str(tmp_path / parallel)], tmp_path)
-        delta = torch.load(tmp_path / parallel / "uap.pt", weights_only=True)["delta"]
-        # float32 gradients summed in another order: a sign can flip only where a gradient entry is ~0
-        differing = (delta != expected).float().mean().item()
-        assert differing <= 1e-3, f"{parallel}: {differing:.2%} of the UAP entries differ"
-        assert spread["uap_accuracy"] == pytest.approx(single["uap_accuracy"], abs=2e-3)
+    delta = torch.load(tmp_path / "two" / "uap.pt", weights_only=True)["delta"]
+    # float32 gradients summed in another order: a sign can flip only where a gradient entry is ~0
+    differing = (delta != expected).float().mean().item()
+    assert differing <= 1e-3, f"{differing:.2%} of the UAP entries differ"
+    assert spread["uap_accuracy"] == pytest.approx(single["uap_accuracy"], abs=2e-3)
+    assert spread["clean_accuracy"] == single["clean_accuracy"]
 
 
 # ---------------------------------------------------------------------------------------------- faults
