@@ -104,9 +104,8 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def check_model_input(model: nn.Module, x: torch.Tensor, name: str = "x") -> int:
-    """``x [B, *input]`` fits ``model``: the device and dtype of its parameters, and a sample shape it takes
-    (one row through the model, in eval mode, without gradients). Returns the number of classes C."""
+def check_matches_model(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
+    """``x`` is on the device and of the dtype of ``model``'s parameters (no compute)."""
     reference = next(itertools.chain(model.parameters(), model.buffers()), None)
     if reference is not None and reference.is_floating_point():
         if x.device != reference.device:
@@ -116,6 +115,12 @@ def check_model_input(model: nn.Module, x: torch.Tensor, name: str = "x") -> int
             raise TypeError(f"{name} is {str(x.dtype).replace('torch.', '')} but the model's parameters are "
                             f"{str(reference.dtype).replace('torch.', '')}; convert one of them "
                             f"(x.to({reference.dtype}) or model.to({x.dtype}))")
+
+
+def check_model_input(model: nn.Module, x: torch.Tensor, name: str = "x") -> int:
+    """``x [B, *input]`` fits ``model``: the device and dtype of its parameters, and a sample shape it takes
+    (one row through the model, in eval mode, without gradients). Returns the number of classes C."""
+    check_matches_model(model, x, name)
     try:
         with torch.no_grad(), _eval_mode(model):
             output = model(x[:1])

@@ -2,7 +2,8 @@
 
 A backend is a set of launchers for the fused ops in ``fastjac/ops``: ``torch`` (batched ATen ops, runs
 everywhere), ``cpp`` (the C++ extension, CPU), ``triton`` (Triton kernels: a CUDA device, or the CPU
-under ``TRITON_INTERPRET=1`` for tests only) and ``cuda`` (the CUDA extension).
+under ``TRITON_INTERPRET=1`` for tests only) and ``cuda`` (a GPU: ATen's CUDA ops and cuBLAS for every
+op, plus the CUDA extension's one kernel, the fused float32 SGD-UAP update).
 
 Choice, in order: ``use(name)`` if called, else the environment variable ``FASTJAC_BACKEND``, else the
 automatic default for the tensors' device: the first available backend of ``AUTO_ORDER[device]``, an

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from fastjac import distributed
+from fastjac.experiments import PRESETS
 from fastjac.models import ARCHITECTURES
 
 EXIT_BAD_INPUT, EXIT_FAILED_RUN, EXIT_INTERRUPTED = 2, 1, 130
@@ -141,8 +142,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("reproduce", help="the accuracy/robustness trade-off study (resumable)")
     _add_data(p)
-    _add_arch(p)
-    p.add_argument("--preset", default="quick", choices=["smoke", "quick", "full"])
+    p.add_argument("--arch", default=None, choices=list(ARCHITECTURES),
+                   help="member architecture (default: the one the preset is sized for)")
+    p.add_argument("--preset", default="quick", choices=list(PRESETS))
     p.add_argument("--out", default=None, help="output directory (default runs/<dataset>-<arch>-<preset>)")
     _add_force(p, "files in OUT")
     _add_device(p)
@@ -306,8 +308,9 @@ def _cmd_evaluate(args) -> dict | None:
 def _cmd_reproduce(args) -> dict:
     from fastjac.experiments import reproduce
 
-    out = args.out or f"runs/{args.dataset}-{args.arch}-{args.preset}"
-    results = reproduce(dataset=args.dataset, arch=args.arch, preset=args.preset, out=out, root=args.data_root,
+    arch = args.arch or PRESETS[args.preset].arch
+    out = args.out or f"runs/{args.dataset}-{arch}-{args.preset}"
+    results = reproduce(dataset=args.dataset, arch=arch, preset=args.preset, out=out, root=args.data_root,
                         device=_device(args), force=args.force)
     return {"out": out, "rows": len(results["rows"])}
 

@@ -14,7 +14,7 @@ from torch import nn
 from dataclasses import dataclass, replace
 
 from fastjac import backends, engine, reference
-from fastjac._checks import check_choice, check_inputs, check_nproj
+from fastjac._checks import check_choice, check_inputs, check_matches_model, check_model_input, check_nproj
 from fastjac.ensemble import Ensemble, fused_view
 from fastjac.ops import linear_chain
 
@@ -73,6 +73,7 @@ def penalty_and_logits(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mod
     check_values = check_values and not torch.compiler.is_compiling()
     if check_values:
         check_inputs(x, "x")
+    check_matches_model(model, x)
     if mode != "exact":
         check_nproj(nproj, mode)
     is_ensemble = isinstance(model, Ensemble)
@@ -85,12 +86,19 @@ def penalty_and_logits(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mod
         _check_projections(projections, mode if mode != "exact" else "vjp", shared_shape, None, check_values)
 
     fused = None if mode == "exact" else fused_view(model)
-    if fused is not None:
-        layers, params = fused
-        run = engine.Engine(layers, params, backends.resolve(backend, x.device.type))
-        logits, penalty = _fused_penalty(run, x, mode, nproj, target, projections, per_member, shared_shape, generator)
-    else:
-        logits, penalty = _reference_penalty(model, x, mode, nproj, target, projections, per_member, shared_shape, generator)
+    try:
+        if fused is not None:
+            layers, params = fused
+            run = engine.Engine(layers, params, backends.resolve(backend, x.device.type))
+            logits, penalty = _fused_penalty(run, x, mode, nproj, target, projections, per_member, shared_shape,
+                                             generator)
+        else:
+            logits, penalty = _reference_penalty(model, x, mode, nproj, target, projections, per_member,
+                                                 shared_shape, generator)
+    except (RuntimeError, ValueError):  # torch's shape errors, or a fused op's validator
+        # x's sample shape is the usual cause: a dry run of one row says so clearly (no cost on success)
+        check_model_input(model, x[0] if per_member else x, "x")
+        raise
     if not is_ensemble or target == "ensemble":
         penalty = penalty.reshape(())
     return logits, penalty

@@ -67,7 +67,7 @@ def perturbed_member_logits(model: nn.Module, backend: str | None = None):
     """f(x [B, *input], delta [K, *input]) -> member logits [M, K*B, C] on clamp(x + delta_k, 0, 1) (row
     k*B + b), parameters frozen. The Triton backend forms the perturbation inside the first layer's load."""
     run = _frozen_engine(model, backend)
-    if run is not None and run.backend == "triton":
+    if run is not None and run.backend in uap_step.PERTURBED_LINEAR_BACKENDS:
         return run.forward_perturbed
     name = run.backend if run is not None else "torch"
     f = frozen_member_logits(model, backend)

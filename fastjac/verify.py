@@ -1,8 +1,12 @@
 """``python -m fastjac verify``: every available backend against the reference, worst errors printed.
 
-Compares, in float64 (where the reference is exact up to rounding) and float32: member logits,
-penalties (vjp and jvp, targets members and ensemble, with the same explicit projections) and the
-gradients of the penalties w.r.t. every stacked parameter.
+Each backend runs on its own device (``backend_device``: triton on a GPU, or the CPU under the Triton
+interpreter; cuda on a GPU; cpp on the CPU; torch on the requested device), in float64 and float32, and
+is compared with ONE reference: the plain PyTorch loop of ``fastjac.reference`` in float64 on the CPU, run
+on the same values (the models, inputs and projections are drawn in float32, so their float64 copies are
+exact). Compared: member logits, penalties (vjp and jvp, targets members and ensemble, with the same
+explicit projections) and the gradients of the penalties w.r.t. every stacked parameter. A float64 row
+shows the backend's rounding; a float32 row its float32 error (a small multiple of 1e-7 is expected).
 """
 from __future__ import annotations
 
@@ -14,16 +18,32 @@ import torch
 from fastjac import _io, backends, models, reference
 from fastjac.ensemble import Ensemble
 from fastjac.jacobian import jacobian_penalty, make_projections
+from fastjac.testing import member_grads, reference_penalty, relative_error, stacked_grads
+
+CLASSES = 10
+CASES = [(mode, target) for mode in ("vjp", "jvp") for target in ("members", "ensemble")]
 
 
-def _gradients(loss, tensors):
-    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
+def backend_device(name: str, requested: str | torch.device | None = None) -> torch.device:
+    """The device backend ``name`` runs its tensors on: ``cpp`` the CPU; ``cuda`` a GPU; ``triton`` a GPU
+    when one exists, else the CPU (under TRITON_INTERPRET=1); ``torch`` anywhere. A requested CUDA device
+    (e.g. ``cuda:1``) is kept by every backend that runs on a GPU; ``requested`` None means cuda when
+    available, else the CPU."""
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    requested = torch.device(requested)
+    if name == "cpp":
+        return torch.device("cpu")
+    if name == "cuda" or (name == "triton" and torch.cuda.is_available()):
+        return requested if requested.type == "cuda" else torch.device("cuda")
+    if name == "triton":
+        return torch.device("cpu")
+    return requested
 
 
 def _relative_error(actual, expected) -> float:
-    actual, expected = actual.detach(), expected.detach()
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+    """``testing.relative_error`` with ``actual`` on any device and ``expected`` the float64 CPU reference."""
+    return relative_error(actual.detach().to("cpu", torch.float64), expected)
 
 
 def default_backends() -> list[str]:
@@ -32,51 +52,69 @@ def default_backends() -> list[str]:
     return [name for name in backends.available() if not (name == "triton" and backends.triton_interpreted())]
 
 
+def _reference(members_list, x, projections) -> dict:
+    """The float64 CPU reference: logits [M,B,C], and per (mode, target) the penalty and its gradients
+    {parameter name: [M, *shape]} (the Ensemble's stacked layout)."""
+    plain = [copy.deepcopy(m).to(torch.float64) for m in members_list]
+    x = x.to(torch.float64)
+    expected = {"logits": reference.member_logits(plain, x)}
+    for mode, target in CASES:
+        penalty = reference_penalty(plain, x, mode, target, projections[mode].to(torch.float64))
+        expected[mode, target] = (penalty, member_grads(plain, penalty.sum()))
+    return expected
+
+
+def _errors(name, device, members_list, x, projections, expected, dtype) -> dict:
+    """Worst relative errors of backend ``name`` on ``device`` in ``dtype`` against ``expected``."""
+    ensemble = Ensemble([copy.deepcopy(m).to(dtype) for m in members_list]).to(device)
+    x = x.to(device, dtype)
+    errors = {"logits": _relative_error(ensemble.member_logits(x, backend=name), expected["logits"])}
+    for mode, target in CASES:
+        fast = jacobian_penalty(ensemble, x, mode=mode, target=target, projections=projections[mode].to(device, dtype),
+                                backend=name)
+        penalty, grads = expected[mode, target]
+        errors[f"penalty {mode}/{target}"] = _relative_error(fast, penalty.reshape(fast.shape))
+        fast_grads = stacked_grads(ensemble, fast.sum())
+        errors[f"grad {mode}/{target}"] = max(_relative_error(fast_grads[key], grads[key]) for key in grads)
+    return errors
+
+
 def verify(arch: str = "mlp", model_path=None, members: int = 3, batch: int = 5, dtypes=(torch.float64, torch.float32),
-           names: list[str] | None = None, out=sys.stderr, device="cpu") -> dict:
-    """Every backend in ``names`` (default: ``default_backends()``) against the reference, on ``device``
-    (the ensemble, its reference members, the inputs and the projections all live there)."""
-    device = torch.device(device)
+           names: list[str] | None = None, device: str | torch.device | None = None, out=sys.stderr) -> dict:
+    """Compare ``names`` (default: ``default_backends()``) against the reference; ``device`` is the device
+    asked for (default: cuda when available), which each backend adapts (``backend_device``). Returns
+    {"arch", "backends": {name: {"device", dtype name: {quantity: worst relative error}}}}."""
     if model_path is not None:
         model, _ = _io.load_model(model_path)
         members_list = model.members() if isinstance(model, Ensemble) else [model]
     else:
         torch.manual_seed(0)
         members_list = [models.build(arch) for _ in range(members)]
-    x_full = torch.rand(batch, *models.INPUT_SHAPE)
-    report = {"arch": arch if model_path is None else model_path, "backends": {}}
-    for name in names or default_backends():
+    members_list = [copy.deepcopy(m).cpu().float() for m in members_list]  # the values both sides share
+    x = torch.rand(batch, *models.INPUT_SHAPE)
+    generator = torch.Generator().manual_seed(1)
+    projections = {mode: make_projections(mode, 2, x.shape, CLASSES, generator=generator, dtype=torch.float32)
+                   for mode in ("vjp", "jvp")}
+    names = names or default_backends()
+    for name in names:
         backends.resolve(name)  # a backend named explicitly must be able to run
-        worst = {}
+    expected = _reference(members_list, x, projections)
+    report = {"arch": arch if model_path is None else str(model_path), "backends": {}}
+    for name in names:
+        where = backend_device(name, device)
+        results = {"device": str(where)}
         for dtype in dtypes:
-            plain = [copy.deepcopy(m).to(device=device, dtype=dtype) for m in members_list]
-            ensemble = Ensemble(plain).to(device=device, dtype=dtype)
-            x = x_full.to(device=device, dtype=dtype)
-            errors = {"logits": _relative_error(ensemble.member_logits(x, backend=name), reference.member_logits(plain, x))}
-            for mode in ("vjp", "jvp"):
-                projections = make_projections(mode, 2, x.shape, 10, generator=torch.Generator().manual_seed(1),
-                                               dtype=dtype).to(device)  # drawn on the CPU: the same on every device
-                for target in ("members", "ensemble"):
-                    fast = jacobian_penalty(ensemble, x, mode=mode, target=target, projections=projections, backend=name)
-                    functions = plain if target == "members" else [reference.ensemble_model(plain)]
-                    estimator = reference.penalty_vjp if mode == "vjp" else reference.penalty_jvp
-                    slow = torch.stack([estimator(f, x, projections) for f in functions]).reshape(fast.shape)
-                    params = list(ensemble.params().values())
-                    fast_grads = _gradients(fast.sum(), params)
-                    member_params = [dict(m.named_parameters()) for m in plain]
-                    flat = [member_params[i][n] for n in ensemble.names for i in range(len(plain))]
-                    slow_flat = _gradients(slow.sum(), flat)
-                    slow_grads = [torch.stack(slow_flat[k * len(plain):(k + 1) * len(plain)]) for k in range(len(params))]
-                    errors[f"penalty {mode}/{target}"] = _relative_error(fast, slow)
-                    errors[f"grad {mode}/{target}"] = max(_relative_error(a, b) for a, b in zip(fast_grads, slow_grads))
-            worst[str(dtype).replace("torch.", "")] = errors
-        report["backends"][name] = worst
+            results[str(dtype).replace("torch.", "")] = _errors(name, where, members_list, x, projections, expected,
+                                                                dtype)
+        report["backends"][name] = results
     _print(report, out)
     return report
 
 
 def _print(report: dict, out) -> None:
-    for name, by_dtype in report["backends"].items():
-        for dtype, errors in by_dtype.items():
+    for name, results in report["backends"].items():
+        for dtype, errors in results.items():
+            if dtype == "device":
+                continue
             cells = ", ".join(f"{key} {value:.1e}" for key, value in errors.items())
-            print(f"[{name} {dtype}] worst relative error: {cells}", file=out)
+            print(f"[{name} {dtype} on {results['device']}] worst relative error: {cells}", file=out)

@@ -14,87 +14,67 @@ Three member-grouped GEMM kernels, each specialised by ``tl.constexpr`` switches
     in registers while loading the x tile (the perturbed batch is never written to memory).
 ``_linear_grad_input_kernel``  grad_x = (grad_out * mask) @ weight, summed over members when x is shared;
     the mask multiply is fused into the grad_out loads. PERTURB: instead of storing grad_x, the rows of
-    perturbation k (a program per k) are masked by torch.clamp's inclusive-bounds derivative and summed
-    over the batch into grad_delta[k] (again never materialising the [K*B, IN] gradient).
+    perturbation k are masked by torch.clamp's inclusive-bounds derivative and summed over the batch into
+    grad_delta[k] (again never materialising the [K*B, IN] gradient): a program per (k, chunk of the
+    batch), the chunks' partial sums added by the launcher.
 ``_linear_grad_weight_kernel`` grad_W = (grad_out * mask)^T @ x and, fused, grad_bias = the sum of the
     stream-0 rows of grad_out * mask.
 
-Accumulation is float32 (float64 for float64 inputs); ``tl.dot`` takes the inputs' dtype. float32 dots run
-in IEEE precision unless ``torch.backends.cuda.matmul.allow_tf32`` is set, so results match torch's.
+Accumulation is float32 (float64 for float64 inputs); ``tl.dot`` takes the inputs' dtype, in the precision
+of ``_common.dot_precision`` (IEEE float32 unless torch's CUDA matmuls allow TF32; the policy is there).
 The mask is stored as one byte per element and handed out as a ``torch.bool`` view ``[M, B*OUT]``.
-Block sizes are autotuned on a GPU; under ``TRITON_INTERPRET=1`` one small config is used (autotuning an
-interpreter only burns minutes).
+Block sizes are autotuned on a GPU, keyed by the layer's widths, the constexpr flags, the dtypes and the
+row count rounded up to a power of two (``_common.bucket``); configs are pruned to the shared-memory
+budget of sm_80 and to ``_common.MAX_TILE_REGISTERS`` (accumulator and operand tiles per thread), so
+float64 gets smaller tiles (and at most ``MAX_SLOTS_FLOAT64`` streams per tile). The grad-weight config
+of 64 x 128 x 128 tiles was removed: 320 KB of shared memory in float64 (over sm_90's 227 KB) and
+an estimated 128 registers per thread in float32. Under ``TRITON_INTERPRET=1`` one small config is used.
+Launchers take tensors already validated by fastjac/ops/stacked_linear.py and fastjac/ops/uap_step.py.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._common import (acc_dtype, bucket, budget_pruner, configs, dot_precision, launch_device,
+                      reduction_splits)
 
 # Largest slot count (primal + tangent streams in one row tile). Beyond it, stream groups recompute
-# the primal tile. Module-level so tests can lower it to exercise several groups.
+# the primal tile. Module-level so tests can lower it to exercise several groups. float64 tiles hold
+# half as many rows in the same registers.
 MAX_SLOTS = 8
-
-
-def configs(gpu, interpreted):
-    """Autotune configs: ``gpu`` ([(meta dict, num_warps, num_stages)]) on a GPU, only ``interpreted`` otherwise."""
-    if INTERPRET:
-        return [triton.Config(interpreted, num_warps=1, num_stages=1)]
-    return [triton.Config(meta, num_warps=warps, num_stages=stages) for meta, warps, stages in gpu]
-
-
-def acc_dtype(dtype: torch.dtype):
-    """Accumulator dtype for inputs of ``dtype``: float64 stays float64, everything else float32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """IEEE float32 products, as torch computes them unless TF32 matmuls were allowed."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # Triton's default; it only affects float32 operands
-
-
-def check_device(*tensors) -> None:
-    for tensor in tensors:
-        if tensor is not None and tensor.device.type != "cuda" and not INTERPRET:
-            raise RuntimeError("fastjac.kernels: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+MAX_SLOTS_FLOAT64 = 4
 
 
 # ----------------------------------------------------------------------------------------------- forward
 
-MAX_TILE_ROWS = 256  # SLOTS * BLOCK_B: the [rows, BLOCK_N] accumulator lives in registers
+# Autotune pruning (``_common.budget_pruner``): the forward's accumulator is its [SLOTS * BLOCK_B, BLOCK_N]
+# row tile, its dot operands the x and weight tiles.
+prune_forward_configs = budget_pruner(
+    tile_elements=lambda p: p["SLOTS"] * p["BLOCK_B"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_N"],
+    acc_elements=lambda p: p["SLOTS"] * p["BLOCK_B"] * p["BLOCK_N"])
 
 
-def prune_forward_configs(configs, named_args, **kwargs):
-    """Autotune pruning: drop configs whose row tile (SLOTS * BLOCK_B) exceeds MAX_TILE_ROWS."""
-    slots = kwargs.get("SLOTS", named_args.get("SLOTS", 1))
-    kept = [config for config in configs if slots * config.kwargs["BLOCK_B"] <= MAX_TILE_ROWS]
-    return kept or [min(configs, key=lambda config: config.kwargs["BLOCK_B"])]
+# GPU autotune configs: (block sizes, num_warps, num_stages).
+FORWARD_CONFIGS = [
+    ({"BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
+    ({"BLOCK_B": 32, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
+    ({"BLOCK_B": 16, "BLOCK_N": 128, "BLOCK_K": 32}, 4, 3),
+    ({"BLOCK_B": 32, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 3),
+    ({"BLOCK_B": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 8, 2),
+]
 
 
 @triton.autotune(
-    configs=configs(
-        gpu=[
-            ({"BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
-            ({"BLOCK_B": 32, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
-            ({"BLOCK_B": 16, "BLOCK_N": 128, "BLOCK_K": 32}, 4, 3),
-            ({"BLOCK_B": 32, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 3),
-            ({"BLOCK_B": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 8, 2),
-        ],
-        interpreted={"BLOCK_B": 16, "BLOCK_N": 16, "BLOCK_K": 16},
-    ),
-    key=["B", "OUT", "IN", "SLOTS", "PERTURB"],
+    configs=configs(gpu=FORWARD_CONFIGS, interpreted={"BLOCK_B": 16, "BLOCK_N": 16, "BLOCK_K": 16}),
+    key=["B_KEY", "OUT", "IN", "M", "SLOTS", "HAS_BIAS", "RELU", "PERTURB", "PRECISION"],
     prune_configs_by={"early_config_prune": prune_forward_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["B_KEY"])
 def _linear_fwd_kernel(
     x_ptr, delta_ptr, w_ptr, bias_ptr, out_ptr, mask_ptr,
-    B, S, OUT, IN, XB, stride_xm,
+    B, S, M, OUT, IN, XB, stride_xm, B_KEY,
     SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PERTURB: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -170,11 +150,12 @@ def _linear_fwd_kernel(
     tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=store_ok[:, None] & n_ok[None, :])
 
 
-def _slots(streams: int) -> tuple[int, int]:
-    """(SLOTS, groups) for ``streams`` streams."""
+def _slots(streams: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(SLOTS, groups) for ``streams`` streams of ``dtype``."""
     if streams == 1:
         return 1, 1
-    slots = min(triton.next_power_of_2(streams), max(2, MAX_SLOTS))
+    cap = min(MAX_SLOTS, MAX_SLOTS_FLOAT64) if dtype == torch.float64 else MAX_SLOTS
+    slots = min(triton.next_power_of_2(streams), max(2, cap))
     return slots, triton.cdiv(streams - 1, slots - 1)
 
 
@@ -190,36 +171,44 @@ def linear_forward(x, weight, bias, streams: int, relu: bool, delta=None, batch:
     mask = torch.empty((m, primal * out_features), device=weight.device, dtype=torch.int8) if relu else None
     if rows == 0 or out_features == 0 or m == 0:
         return out, None if mask is None else mask.view(torch.bool)
-    slots, groups = _slots(streams)
+    slots, groups = _slots(streams, weight.dtype)
     grid = lambda meta: (triton.cdiv(primal, meta["BLOCK_B"]) * groups, triton.cdiv(out_features, meta["BLOCK_N"]), m)
-    _linear_fwd_kernel[grid](
-        x, x if delta is None else delta, weight, weight if bias is None else bias, out,
-        out if mask is None else mask,
-        primal, streams, out_features, fan_in, batch, stride_xm,
-        SLOTS=slots, HAS_BIAS=bias is not None, RELU=relu, PERTURB=delta is not None,
-        ACC=acc_dtype(weight.dtype), PRECISION=dot_precision(weight.dtype),
-    )
+    with launch_device(x, delta, weight, bias):
+        _linear_fwd_kernel[grid](
+            x, x if delta is None else delta, weight, weight if bias is None else bias, out,
+            out if mask is None else mask,
+            primal, streams, m, out_features, fan_in, batch, stride_xm, bucket(primal),
+            SLOTS=slots, HAS_BIAS=bias is not None, RELU=relu, PERTURB=delta is not None,
+            ACC=acc_dtype(weight.dtype), PRECISION=dot_precision(weight.dtype),
+        )
     return out, None if mask is None else mask.view(torch.bool)
 
 
 # ---------------------------------------------------------------------------------------------- backward
 
+# grad-input: a [BLOCK_R, BLOCK_K] accumulator from grad_out [BLOCK_R, BLOCK_N] and weight [BLOCK_N, BLOCK_K]
+prune_grad_input_configs = budget_pruner(
+    tile_elements=lambda p: p["BLOCK_R"] * p["BLOCK_N"] + p["BLOCK_N"] * p["BLOCK_K"],
+    acc_elements=lambda p: p["BLOCK_R"] * p["BLOCK_K"])
+
+
+GRAD_INPUT_CONFIGS = [
+    ({"BLOCK_R": 32, "BLOCK_N": 32, "BLOCK_K": 64}, 4, 3),
+    ({"BLOCK_R": 64, "BLOCK_N": 32, "BLOCK_K": 64}, 4, 3),
+    ({"BLOCK_R": 64, "BLOCK_N": 64, "BLOCK_K": 128}, 8, 3),
+    ({"BLOCK_R": 128, "BLOCK_N": 32, "BLOCK_K": 64}, 8, 3),
+]
+
+
 @triton.autotune(
-    configs=configs(
-        gpu=[
-            ({"BLOCK_R": 32, "BLOCK_N": 32, "BLOCK_K": 64}, 4, 3),
-            ({"BLOCK_R": 64, "BLOCK_N": 32, "BLOCK_K": 64}, 4, 3),
-            ({"BLOCK_R": 64, "BLOCK_N": 64, "BLOCK_K": 128}, 8, 3),
-            ({"BLOCK_R": 128, "BLOCK_N": 32, "BLOCK_K": 64}, 8, 3),
-        ],
-        interpreted={"BLOCK_R": 16, "BLOCK_N": 16, "BLOCK_K": 16},
-    ),
-    key=["R", "OUT", "IN", "M", "SHARED_X", "PERTURB"],
+    configs=configs(gpu=GRAD_INPUT_CONFIGS, interpreted={"BLOCK_R": 16, "BLOCK_N": 16, "BLOCK_K": 16}),
+    key=["R_KEY", "OUT", "IN", "M", "HAS_MASK", "SHARED_X", "PERTURB", "PRECISION"],
+    prune_configs_by={"early_config_prune": prune_grad_input_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["R_KEY"])
 def _linear_grad_input_kernel(
     gout_ptr, mask_ptr, w_ptr, gx_ptr, x_ptr, delta_ptr,
-    R, B, M, OUT, IN, XB,
+    R, B, M, OUT, IN, XB, SPLITS, CHUNK, R_KEY,
     HAS_MASK: tl.constexpr, SHARED_X: tl.constexpr, PERTURB: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -234,9 +223,11 @@ def _linear_grad_input_kernel(
     else:
         m_lo = pid_m
         m_hi = pid_m + 1
-    if PERTURB:  # program per perturbation: its XB rows, reduced into grad_delta[pid_r]
-        r_lo = pid_r * XB
-        r_hi = r_lo + XB
+    if PERTURB:  # program (perturbation p, chunk c): rows [c*CHUNK, (c+1)*CHUNK) of p's XB rows, reduced
+        p = pid_r // SPLITS
+        p_lo = p * XB
+        r_lo = p_lo + (pid_r % SPLITS) * CHUNK
+        r_hi = tl.minimum(r_lo + CHUNK, p_lo + XB)
     else:
         r_lo = pid_r * BLOCK_R
         r_hi = tl.minimum(r_lo + BLOCK_R, R)
@@ -262,8 +253,8 @@ def _linear_grad_input_kernel(
                 acc = tl.dot(g, w, acc, input_precision=PRECISION)
         if PERTURB:  # d clamp(x + delta)/d delta, bounds inclusive like torch.clamp's gradient
             v_ok = r_ok[:, None] & k_ok[None, :]
-            xv = tl.load(x_ptr + (rows - r_lo)[:, None] * IN + k[None, :], mask=v_ok, other=0.0)
-            dv = tl.load(delta_ptr + pid_r.to(tl.int64) * IN + k, mask=k_ok, other=0.0)
+            xv = tl.load(x_ptr + (rows - p_lo)[:, None] * IN + k[None, :], mask=v_ok, other=0.0)
+            dv = tl.load(delta_ptr + p.to(tl.int64) * IN + k, mask=k_ok, other=0.0)
             shifted = xv + dv[None, :]
             inside = (shifted >= 0) & (shifted <= 1) & v_ok
             reduced += tl.sum(acc * inside.to(ACC), axis=0)
@@ -274,17 +265,32 @@ def _linear_grad_input_kernel(
                 gx_base = gx_ptr + pid_m.to(tl.int64) * R * IN
             tl.store(gx_base + rows[:, None] * IN + k[None, :], acc.to(gx_ptr.dtype.element_ty),
                      mask=r_ok[:, None] & k_ok[None, :])
-    if PERTURB:
+    if PERTURB:  # the chunk's partial sum: row pid_r of [K * SPLITS, IN]
         tl.store(gx_ptr + pid_r.to(tl.int64) * IN + k, reduced.to(gx_ptr.dtype.element_ty), mask=k_ok)
 
 
+# Fewest batch rows a chunk of a split batch reduction keeps (PERTURB grad-input): below it the partial
+# sums' extra traffic outweighs the parallelism gained.
+MIN_CHUNK_ROWS = 32
+
+
 def linear_grad_input(grad_out, weight, mask, primal_rows: int, shared_x: bool, x=None, delta=None):
-    """grad_x [M or -, R, IN] (or grad_delta [K, IN] when ``delta`` is given: PERTURB mode, x [XB, IN])."""
+    """grad_x [M or -, R, IN] (or grad_delta [K, IN] when ``delta`` is given: PERTURB mode, x [XB, IN]).
+
+    PERTURB mode reduces each perturbation's XB rows; with few perturbations (K = 1: IN / BLOCK_K
+    programs, 13 for IN = 784) the batch is split into chunks (``_common.reduction_splits``, programs
+    counted at BLOCK_K = 64, the smallest GPU config's) whose partial sums [K, splits, IN] are added here.
+    """
     m, rows, out_features = grad_out.shape
     fan_in = weight.shape[2]
+    splits, chunk = 1, 1
     if delta is not None:
-        grad = torch.empty((delta.shape[0], fan_in), device=grad_out.device, dtype=grad_out.dtype)
-        batch = x.shape[0]
+        count, batch = delta.shape[0], x.shape[0]
+        if count * fan_in > 0:
+            splits = reduction_splits(grad_out.device, count * triton.cdiv(fan_in, 64), batch, MIN_CHUNK_ROWS)
+        chunk = triton.cdiv(batch, splits)
+        splits = triton.cdiv(batch, chunk) if batch else 1  # no empty chunk
+        grad = torch.empty((count * splits, fan_in), device=grad_out.device, dtype=grad_out.dtype)
     else:
         grad = torch.empty((rows, fan_in) if shared_x else (m, rows, fan_in), device=grad_out.device,
                            dtype=grad_out.dtype)
@@ -292,38 +298,45 @@ def linear_grad_input(grad_out, weight, mask, primal_rows: int, shared_x: bool, 
     if grad.numel() == 0:
         return grad
     if rows == 0 or out_features == 0 or m == 0:
-        return grad.zero_()
+        grad.zero_()
+    else:
+        def grid(meta):
+            row_programs = grad.shape[0] if delta is not None else triton.cdiv(rows, meta["BLOCK_R"])
+            return row_programs, triton.cdiv(fan_in, meta["BLOCK_K"]), 1 if (shared_x or delta is not None) else m
 
-    def grid(meta):
-        row_programs = delta.shape[0] if delta is not None else triton.cdiv(rows, meta["BLOCK_R"])
-        return row_programs, triton.cdiv(fan_in, meta["BLOCK_K"]), 1 if (shared_x or delta is not None) else m
+        with launch_device(grad_out, weight, mask, x, delta):
+            _linear_grad_input_kernel[grid](
+                grad_out, grad_out if mask is None else mask.view(torch.int8), weight, grad,
+                grad_out if x is None else x, grad_out if delta is None else delta,
+                rows, primal_rows, m, out_features, fan_in, batch, splits, chunk, bucket(rows),
+                HAS_MASK=mask is not None, SHARED_X=shared_x or delta is not None, PERTURB=delta is not None,
+                ACC=acc_dtype(grad_out.dtype), PRECISION=dot_precision(grad_out.dtype),
+            )
+    return grad if splits == 1 else grad.view(count, splits, fan_in).sum(1)
 
-    _linear_grad_input_kernel[grid](
-        grad_out, grad_out if mask is None else mask.view(torch.int8), weight, grad,
-        grad_out if x is None else x, grad_out if delta is None else delta,
-        rows, primal_rows, m, out_features, fan_in, batch,
-        HAS_MASK=mask is not None, SHARED_X=shared_x or delta is not None, PERTURB=delta is not None,
-        ACC=acc_dtype(grad_out.dtype), PRECISION=dot_precision(grad_out.dtype),
-    )
-    return grad
+
+# grad-weight: a [BLOCK_N, BLOCK_K] accumulator from grad_out [BLOCK_R, BLOCK_N] and x [BLOCK_R, BLOCK_K]
+prune_grad_weight_configs = budget_pruner(
+    tile_elements=lambda p: p["BLOCK_R"] * p["BLOCK_N"] + p["BLOCK_R"] * p["BLOCK_K"],
+    acc_elements=lambda p: p["BLOCK_N"] * p["BLOCK_K"])
+
+
+GRAD_WEIGHT_CONFIGS = [
+    ({"BLOCK_R": 32, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 3),
+    ({"BLOCK_R": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 3),
+    ({"BLOCK_R": 32, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
+]
 
 
 @triton.autotune(
-    configs=configs(
-        gpu=[
-            ({"BLOCK_R": 32, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 3),
-            ({"BLOCK_R": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 3),
-            ({"BLOCK_R": 32, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
-            ({"BLOCK_R": 64, "BLOCK_N": 128, "BLOCK_K": 128}, 8, 3),
-        ],
-        interpreted={"BLOCK_R": 16, "BLOCK_N": 16, "BLOCK_K": 16},
-    ),
-    key=["R", "OUT", "IN"],
+    configs=configs(gpu=GRAD_WEIGHT_CONFIGS, interpreted={"BLOCK_R": 16, "BLOCK_N": 16, "BLOCK_K": 16}),
+    key=["R_KEY", "OUT", "IN", "M", "HAS_MASK", "HAS_BIAS", "PRECISION"],
+    prune_configs_by={"early_config_prune": prune_grad_weight_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["R_KEY"])
 def _linear_grad_weight_kernel(
     gout_ptr, mask_ptr, x_ptr, gw_ptr, gb_ptr,
-    R, B, OUT, IN, stride_xm,
+    R, B, M, OUT, IN, stride_xm, R_KEY,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -365,31 +378,28 @@ def linear_grad_weight(grad_out, x, mask, primal_rows: int, has_bias: bool):
         return grad_weight, grad_bias
     stride_xm = 0 if x.dim() == 2 else rows * fan_in
     grid = lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]), max(1, triton.cdiv(fan_in, meta["BLOCK_K"])), m)
-    _linear_grad_weight_kernel[grid](
-        grad_out, grad_out if mask is None else mask.view(torch.int8), x, grad_weight,
-        grad_weight if grad_bias is None else grad_bias,
-        rows, max(primal_rows, 1), out_features, fan_in, stride_xm,
-        HAS_MASK=mask is not None, HAS_BIAS=has_bias,
-        ACC=acc_dtype(grad_out.dtype), PRECISION=dot_precision(grad_out.dtype),
-    )
+    with launch_device(grad_out, x, mask):
+        _linear_grad_weight_kernel[grid](
+            grad_out, grad_out if mask is None else mask.view(torch.int8), x, grad_weight,
+            grad_weight if grad_bias is None else grad_bias,
+            rows, max(primal_rows, 1), m, out_features, fan_in, stride_xm, bucket(rows),
+            HAS_MASK=mask is not None, HAS_BIAS=has_bias,
+            ACC=acc_dtype(grad_out.dtype), PRECISION=dot_precision(grad_out.dtype),
+        )
     return grad_weight, grad_bias
 
 
 # --------------------------------------------------------------------------------------------- launchers
 
 def stacked_linear_forward(x, weight, bias, streams: int, relu: bool):
-    """Same signature and results as fastjac.ops.stacked_linear.stacked_linear_forward."""
-    from fastjac.ops.stacked_linear import _check
-
-    _check(x, weight, bias, streams)
-    check_device(x, weight, bias)
+    """Same signature and results as fastjac.ops.stacked_linear.stacked_linear_forward (arguments checked
+    there)."""
     x, weight = x.contiguous(), weight.contiguous()
     return linear_forward(x, weight, None if bias is None else bias.contiguous(), streams, relu)
 
 
 def stacked_linear_backward(grad_out, x, weight, mask, streams: int, has_bias: bool, needs_x_grad: bool):
     """Same signature and results as fastjac.ops.stacked_linear.stacked_linear_backward."""
-    check_device(grad_out, x, weight)
     grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
     mask = None if mask is None else mask.contiguous()
     primal_rows = grad_out.shape[1] // streams

@@ -18,17 +18,25 @@ echo "setup: Python packages"
 # Build against the installed torch (no build isolation: an isolated build would fetch its own torch).
 stamp=.venv/.fastjac-build-stamp
 digest=$(cat setup.py pyproject.toml csrc/* | sha256sum | cut -d' ' -f1)
+build_log=.venv/fastjac-build.log
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] || ! .venv/bin/python -c "import fastjac" 2>/dev/null; then
-    echo "setup: building fastjac and its C++ extension (a minute or two)"
+    echo "setup: building fastjac and its C++ extension (a minute or two; log in $build_log)"
     rm -f fastjac/_C.*.so  # a failed build must not leave the previous extension importable
-    MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-        --no-build-isolation --no-deps -e .
+    MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install --verbose --disable-pip-version-check \
+        --no-build-isolation --no-deps -e . >"$build_log" 2>&1 || { tail -30 "$build_log"; exit 1; }
+    grep -E "^fastjac: " "$build_log" | sed 's/^/setup: /' || true  # setup.py's own lines: what was built
     echo "$digest" > "$stamp"
 fi
-if .venv/bin/python -c "import fastjac._C" 2>/dev/null; then
-    echo "setup: C++ extension ok"
+# Which parts of the extension import: the CPU ops ('cpp' backend) and, with CUDA, the 'cuda' backend's.
+parts=$(.venv/bin/python -c "import fastjac._C as c; print('CPU and CUDA ops' if c.WITH_CUDA else 'CPU ops')" 2>/dev/null)
+if [ -n "$parts" ]; then
+    echo "setup: C++ extension ok: $parts"
+    torch_cuda=$(.venv/bin/python -c "import torch; print(torch.version.cuda or '')")
+    if [ -n "$torch_cuda" ] && [ "$parts" = "CPU ops" ]; then
+        echo "setup: WARNING: torch has CUDA $torch_cuda but the CUDA ops were not built: the 'cuda' backend is unavailable (see $build_log)"
+    fi
 else
-    echo "setup: WARNING: the C++ extension did not build; the 'cpp' backend is unavailable (see the build log above)"
+    echo "setup: WARNING: the C++ extension did not build; the 'cpp' and 'cuda' backends are unavailable (see $build_log)"
 fi
 
 # Real data, offline: Debian's package, unless FASTJAC_DATA points elsewhere.

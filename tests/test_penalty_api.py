@@ -33,3 +33,13 @@ def test_return_logits_single_module_is_batch_by_classes():
     penalty, logits = jacobian_penalty(model, x, return_logits=True)
     assert penalty.shape == () and logits.shape == (4, 10)
     assert_close(logits, model(x), rtol=1e-12, atol=0, name="logits")
+
+
+def test_bad_input_is_named_at_the_boundary():
+    lenet = Ensemble([models.lenet() for _ in range(2)])
+    with pytest.raises(ValueError, match=r"x has sample shape \[1, 32, 32\], which the model cannot take"):
+        jacobian_penalty(lenet, torch.rand(3, 1, 32, 32))
+    with pytest.raises(TypeError, match="x is float64 but the model's parameters are float32"):
+        jacobian_penalty(lenet, torch.rand(3, 1, 28, 28, dtype=F64))
+    with pytest.raises(ValueError, match="x contains NaN"):
+        jacobian_penalty(lenet, torch.full((3, 1, 28, 28), float("nan")))

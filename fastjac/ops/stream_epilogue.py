@@ -5,9 +5,9 @@ streams 1..S-1 are tangent rows (input-space JVP directions). Tangents are linea
 get no bias, and ReLU acts on them through the primal's mask (its derivative). Every layout the engine
 uses is viewed as ``y [O, S, I]``:
 
-- member-major Linear output ``[M, S*B, F]``  -> O = M, I = B*F,       bias [M, F],     rep = 1
-- row-major Linear output ``[S*B, M*F]``      -> O = 1, I = B*M*F,     bias [1, M*F],   rep = 1
-- row-major Conv2d output ``[S*B, M*C, H, W]``-> O = 1, I = B*M*C*H*W, bias [1, M*C],   rep = H*W
+- member-major Linear output ``[M, S*B, F]``   -> O = M, I = B*F,       bias [M, F],   rep = 1
+- row-major Conv2d output ``[S*B, M*C, H, W]`` -> O = 1, I = B*M*C*H*W, bias [1, M*C], rep = H*W
+- row-major activations ``[S*B, M, *feature]`` -> O = 1, I = B*M*prod(feature), no bias (a standalone ReLU)
 
 so the bias index of element i is ``(i // rep) % NB`` with ``NB = bias.shape[1]``.
 
@@ -90,7 +90,9 @@ TORCH_LAUNCHERS = (stream_epilogue_forward, stream_epilogue_backward)
 
 
 def stream_epilogue(y, bias, rep: int = 1, relu: bool = True, launchers=TORCH_LAUNCHERS):
-    """Differentiable stream epilogue; see the module docstring for shapes. Returns (out, mask)."""
+    """Differentiable stream epilogue; see the module docstring for shapes. Returns (out, mask).
+    Arguments are checked here, once, for every backend's launchers."""
+    _check(y, bias, rep)
     return StreamEpilogue.apply(y, bias, rep, relu, launchers)
 
 

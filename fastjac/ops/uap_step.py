@@ -5,8 +5,9 @@
         = sum_b grad * (0 <= x + delta_k <= 1)    (torch.clamp's gradient: bounds inclusive)
     uap_step(delta [K,*in], grad [K,*in], step [K], eps [K]) -> clamp(delta + step_k*sign(grad), -eps_k, eps_k)
 
-The first layer of an attacked MLP, with the perturbation fused into it (every row is a primal row:
-no streams, the ReLU mask applies to the rows themselves; row k*B + b is sample b under delta_k):
+The first layer of an attacked MLP with the perturbation fused into it, on the Triton backend only
+(``PERTURBED_LINEAR_BACKENDS``; kernels/uap_step.py): every row is a primal row (no streams, the ReLU
+mask applies to the rows themselves; row k*B + b is sample b under delta_k):
 
     perturbed_linear_forward(x [B,*in], delta [K,*in], weight [M,OUT,IN], bias [M,OUT] | None, relu)
         -> (out [M, K*B, OUT] = relu?(clamp(x + delta_k, 0, 1) @ weight_m^T + bias_m),
@@ -14,10 +15,10 @@ no streams, the ReLU mask applies to the rows themselves; row k*B + b is sample 
     perturbed_linear_backward(grad_out [M,K*B,OUT], x, delta, weight, mask) -> grad_delta like delta
         = perturb_backward(sum_m (grad_out*mask)[m] @ weight_m, x, delta)
 
-The Triton backend fuses ``perturb`` into the first layer's load (kernels/uap_step.py): the perturbed
-batch [K*B, IN] is formed tile by tile in registers and never written. The sign update and projection is
-one elementwise pass in every backend. Parameters are frozen during an attack, so no op here ever
-produces a parameter gradient.
+The kernels form the perturbed batch [K*B, IN] tile by tile in registers and never write it. The other
+backends have nothing to fuse there: an attack perturbs the batch (``perturb``) and runs the plain first
+layer, ATen's GEMM. The sign update and projection is one elementwise pass in every backend. Parameters
+are frozen during an attack, so no op here ever produces a parameter gradient.
 """
 from __future__ import annotations
 
@@ -26,6 +27,21 @@ import torch
 
 def _per_k(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _check_perturb(x, delta) -> None:
+    if x.dim() < 1 or delta.dim() != x.dim() or x.shape[1:] != delta.shape[1:]:
+        raise ValueError(f"uap_step: x [B, *in] and delta [K, *in] must share *in, got {tuple(x.shape)} and "
+                         f"{tuple(delta.shape)}")
+    if x.dtype != delta.dtype:
+        raise TypeError(f"uap_step: x dtype {x.dtype} differs from delta dtype {delta.dtype}")
+
+
+def _check_step(delta, grad) -> None:
+    if grad.shape != delta.shape:
+        raise ValueError(f"uap_step: grad {tuple(grad.shape)} differs from delta {tuple(delta.shape)}")
+    if grad.dtype != delta.dtype:
+        raise TypeError(f"uap_step: grad dtype {grad.dtype} differs from delta dtype {delta.dtype}")
 
 
 def perturb_forward(x, delta):
@@ -78,35 +94,8 @@ def _check_perturbed_linear(x, delta, weight, bias) -> None:
         raise TypeError("perturbed_linear: x, delta, weight and bias must share one dtype")
 
 
-def perturbed_linear_forward(x, delta, weight, bias, relu: bool):
-    _check_perturbed_linear(x, delta, weight, bias)
-    m, out_features, fan_in = weight.shape
-    inputs = perturb_forward(x, delta).reshape(-1, fan_in)  # [K*B, IN], row k*B + b
-    y = torch.matmul(inputs, weight.transpose(1, 2))  # [M, K*B, OUT]
-    if bias is not None:
-        y = y + bias.unsqueeze(1)
-    if not relu:
-        return y, None
-    mask = y > 0
-    return y * mask, mask.reshape(m, -1)
-
-
-def perturbed_linear_backward(grad_out, x, delta, weight, mask):
-    grad_y = grad_out if mask is None else grad_out * mask.view(grad_out.shape)
-    grad_inputs = torch.einsum("mro,moi->ri", grad_y, weight)  # [K*B, IN], summed over members
-    return perturb_backward(grad_inputs.reshape(delta.shape[0], *x.shape), x, delta)
-
-
-def perturbed_linear_launchers(backend: str):
-    """(perturbed_linear_forward, perturbed_linear_backward) of ``backend``; 'cpp' and 'cuda' use torch's
-    (the product is a GEMM: cuBLAS/MKL through ATen)."""
-    if backend in ("torch", "cpp", "cuda"):
-        return perturbed_linear_forward, perturbed_linear_backward
-    if backend == "triton":
-        from fastjac.kernels import uap_step as kernel
-
-        return kernel.perturbed_linear_forward, kernel.perturbed_linear_backward
-    raise ValueError(f"perturbed_linear: unknown backend {backend!r}")
+# Backends with a fused perturbed first layer (the others perturb the batch and run the plain layer).
+PERTURBED_LINEAR_BACKENDS = ("triton",)
 
 
 class Perturb(torch.autograd.Function):
@@ -125,11 +114,13 @@ class Perturb(torch.autograd.Function):
 
 def perturb(x, delta, backend: str = "torch"):
     """clamp(x + delta_k, 0, 1) for every k: [K, B, *in], differentiable w.r.t. delta only."""
+    _check_perturb(x, delta)
     return Perturb.apply(x, delta, backend)
 
 
 def sign_step(delta, grad, step, eps, backend: str = "torch"):
     """One SGD-UAP update of K perturbations (no autograd)."""
+    _check_step(delta, grad)
     return launchers(backend)[2](delta.contiguous(), grad.contiguous(), step, eps)
 
 
@@ -137,10 +128,12 @@ class PerturbedLinear(torch.autograd.Function):
     """The first Linear of every member on the K perturbed batches; differentiable w.r.t. delta only."""
 
     @staticmethod
-    def forward(ctx, x, delta, weight, bias, relu, backend):
-        forward_launcher, ctx.backward_launcher = perturbed_linear_launchers(backend)
+    def forward(ctx, x, delta, weight, bias, relu):
+        from fastjac.kernels import uap_step as kernel
+
+        ctx.backward_launcher = kernel.perturbed_linear_backward
         x, delta, weight = x.contiguous(), delta.contiguous(), weight.contiguous()
-        out, mask = forward_launcher(x, delta, weight, None if bias is None else bias.contiguous(), relu)
+        out, mask = kernel.perturbed_linear_forward(x, delta, weight, None if bias is None else bias.contiguous(), relu)
         ctx.save_for_backward(x, delta, weight, mask if mask is not None else torch.empty(0, dtype=torch.bool))
         ctx.has_mask = mask is not None
         if mask is not None:
@@ -153,13 +146,18 @@ class PerturbedLinear(torch.autograd.Function):
         grad_delta = None
         if ctx.needs_input_grad[1]:
             grad_delta = ctx.backward_launcher(grad_out.contiguous(), x, delta, weight, mask if ctx.has_mask else None)
-        return None, grad_delta, None, None, None, None
+        return None, grad_delta, None, None, None
 
 
-def perturbed_linear(x, delta, weight, bias=None, relu: bool = False, backend: str = "torch"):
-    """relu?(clamp(x + delta_k, 0, 1) @ weight_m^T + bias_m) for every k and member m.
+def perturbed_linear(x, delta, weight, bias=None, relu: bool = False, backend: str = "triton"):
+    """relu?(clamp(x + delta_k, 0, 1) @ weight_m^T + bias_m) for every k and member m, on ``backend`` (one
+    of ``PERTURBED_LINEAR_BACKENDS``).
 
     Returns (out [M, K*B, OUT], mask [M, K*B*OUT] | None); differentiable w.r.t. delta only (x and the
     parameters are treated as constants, as in an attack on a frozen model).
     """
-    return PerturbedLinear.apply(x, delta, weight, bias, relu, backend)
+    if backend not in PERTURBED_LINEAR_BACKENDS:
+        raise ValueError(f"perturbed_linear: backend must be one of {PERTURBED_LINEAR_BACKENDS}, got {backend!r} "
+                         "(other backends perturb the batch with perturb() and run the plain first layer)")
+    _check_perturbed_linear(x, delta, weight, bias)
+    return PerturbedLinear.apply(x, delta, weight, bias, relu)

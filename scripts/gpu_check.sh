@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# One command for a GPU host: build the extension, run the whole test suite on the GPU, verify every
+# backend against the reference on the GPU, benchmark (MLP, LeNet, and the ResNet when
+# fastjac.models.ARCHITECTURES has it), run the quick study on the GPU, and append the card, the
+# commands and the numbers to bench/RESULTS-gpu.md.
+#
+# Sized for <= 8 minutes of device time: every step runs under its own limit (seconds, overridable:
+# LIMIT_BUILD LIMIT_TESTS LIMIT_VERIFY LIMIT_BENCH LIMIT_STUDY); a step over its limit is interrupted
+# (SIGINT, so pytest and the study stop cleanly; the study resumes on a later run) and recorded as
+# "timed out". A failed step does not stop the later ones.
+#
+# Usage: scripts/gpu_check.sh            env: PYTHON (default python3: a Python whose torch has CUDA,
+#        with triton and pytest), FASTJAC_DATA (the Fashion-MNIST IDX files, if not in Debian's path),
+#        OUT (default bench/RESULTS-gpu.md), RUN_DIR (logs and study output, default runs/gpu-check)
+# Exit status: 0 when every step passed, 1 otherwise, 2 when no GPU is visible.
+set -u
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-bench/RESULTS-gpu.md}
+RUN_DIR=${RUN_DIR:-runs/gpu-check}
+LIMIT_BUILD=${LIMIT_BUILD:-100}
+LIMIT_TESTS=${LIMIT_TESTS:-150}
+LIMIT_VERIFY=${LIMIT_VERIFY:-40}
+LIMIT_BENCH=${LIMIT_BENCH:-100}
+LIMIT_STUDY=${LIMIT_STUDY:-80}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+unset TRITON_INTERPRET FASTJAC_BACKEND  # kernels compiled for the GPU; the automatic backend choice
+
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check: no CUDA device visible to $PYTHON (torch with CUDA needed)" >&2
+    exit 2
+fi
+mkdir -p "$RUN_DIR"
+rm -f "$RUN_DIR"/*.log
+failed=0
+summary=()
+
+# step NAME LIMIT COMMAND...: run COMMAND under LIMIT seconds, its output in $RUN_DIR/NAME.log.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "gpu_check: $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout --signal=INT --kill-after=15 "$limit" "$@" >"$RUN_DIR/$name.log" 2>&1
+    local rc=$? status
+    case $rc in
+        0) status="ok" ;;
+        124 | 130 | 137) status="timed out after ${limit}s"; failed=1 ;;
+        *) status="failed (exit $rc)"; failed=1 ;;
+    esac
+    summary+=("| $name | \`$*\` | $status | $((SECONDS - start)) |")
+    echo "gpu_check: $name: $status"
+}
+
+# --- build: the CUDA extension in place (setup.py keeps the CPU ops if the CUDA part fails)
+rm -f fastjac/_C.*.so
+step build "$LIMIT_BUILD" env MAX_JOBS="$(nproc)" "$PYTHON" setup.py build_ext --inplace
+step extension 20 "$PYTHON" -c "import fastjac._C as c; print('fastjac._C: CPU ops' + (' and CUDA ops' if c.WITH_CUDA else ' only'))"
+
+# --- the whole test suite on the GPU (the Triton kernels compiled for this card, not interpreted).
+# The AOT compile test is left to CI (CPU-bound, no GPU needed); bench/ needs pytest-benchmark.
+pytest_args=(-q -x -o addopts=-ra --ignore=tests/test_aot_triton.py)
+if ! "$PYTHON" -c "import pytest_benchmark" 2>/dev/null; then
+    pytest_args+=(--ignore=bench)
+fi
+step tests "$LIMIT_TESTS" "$PYTHON" -m pytest "${pytest_args[@]}"
+
+# --- every available backend (triton compiled, not interpreted) against the float64 CPU reference
+step verify "$LIMIT_VERIFY" "$PYTHON" -m fastjac verify --device cuda
+
+# --- benchmarks: MLP, LeNet and the ResNet when the registry has it (M = 5, the issue's targets)
+archs=$("$PYTHON" -c "import fastjac.models as m; print(' '.join('--arch ' + a for a in ('mlp', 'lenet', 'resnet') if a in m.ARCHITECTURES))")
+# shellcheck disable=SC2086  # $archs is a list of flags
+step bench "$LIMIT_BENCH" "$PYTHON" -m fastjac bench --device cuda --quick --no-variance --members 5 $archs \
+    --out "$RUN_DIR/bench.md"
+
+# --- the quick study on the GPU (resumable: a later run continues where this one stopped)
+step study "$LIMIT_STUDY" "$PYTHON" -m fastjac reproduce --preset quick --device cuda --out "$RUN_DIR/study"
+
+# --- the report
+{
+    echo
+    echo "## GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "Card: \`$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)\`;"
+    echo "$("$PYTHON" -c "import torch, triton; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}')" 2>&1);"
+    echo "commit \`$(git rev-parse --short HEAD 2>/dev/null || echo unknown)\`, \`scripts/gpu_check.sh\` (logs in \`$RUN_DIR\`)."
+    echo
+    echo "| step | command | status | seconds |"
+    echo "|---|---|---|---|"
+    printf '%s\n' "${summary[@]}"
+    echo
+    echo "Tests: \`$(grep -E '(passed|failed|error)' "$RUN_DIR/tests.log" | tail -1)\`"
+    echo
+    echo "Verify (worst relative error against the float64 CPU reference):"
+    echo
+    echo '```'
+    grep -E '^\[' "$RUN_DIR/verify.log" || tail -5 "$RUN_DIR/verify.log"
+    echo '```'
+    echo
+    echo "Benchmarks:"
+    echo
+    if [ -s "$RUN_DIR/bench.md" ]; then cat "$RUN_DIR/bench.md"; else echo '```'; tail -20 "$RUN_DIR/bench.log"; echo '```'; fi
+    echo
+    echo "Quick study: \`$(tail -3 "$RUN_DIR/study.log" | tr '\n' ' ')\`"
+    echo
+    echo "<details><summary>nvidia-smi</summary>"
+    echo
+    echo '```'
+    nvidia-smi 2>&1
+    echo '```'
+    echo "</details>"
+} >>"$OUT"
+echo "gpu_check: report appended to $OUT"
+exit $failed
