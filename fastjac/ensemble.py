@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from fastjac import backends, engine
+from fastjac import backends, engine, generic
+from fastjac.graph import Graph, parse
+from fastjac.layers import Unsupported
 
 _warned: set[str] = set()
 
@@ -52,9 +55,10 @@ class Ensemble(nn.Module):
     """An ensemble of M members sharing one architecture; ``forward(x)`` is the mean of member logits.
 
     Parameters live stacked: each member parameter of shape S becomes one ``nn.Parameter`` [M, *S], so
-    an optimizer step on the ensemble is M independent member steps. Architectures the engine fuses
-    (``fastjac.engine.parse``) run all members in one batched pass per layer; any other runs on a generic
-    torch.func path (vmap over ``functional_call``) with a one-time warning.
+    an optimizer step on the ensemble is M independent member steps; buffers (BatchNorm's running
+    statistics) are stacked the same way ([M, C]) and saved in ``state_dict``. Architectures the layer
+    registry fuses (``fastjac.graph.parse``) run all members in one batched pass per layer; any other
+    runs on the generic torch.func path (``fastjac.generic``) with a one-time warning naming the node.
     """
 
     def __init__(self, members: Sequence[nn.Module]):
@@ -75,9 +79,9 @@ class Ensemble(nn.Module):
             self.register_buffer("buffer__" + _key(name), torch.stack([dict(m.named_buffers())[name] for m in members]))
         self.buffer_names = [name for name, _ in members[0].named_buffers()]
         try:
-            self.layers, self.unsupported = engine.parse(members[0]), None
-        except engine.UnsupportedArchitecture as reason:
-            self.layers, self.unsupported = None, str(reason)
+            self.graph, self.unsupported = parse(members[0]), None
+        except Unsupported as reason:
+            self.graph, self.unsupported = None, str(reason)
 
     # -------------------------------------------------------------------------------------- views
     @property
@@ -93,21 +97,26 @@ class Ensemble(nn.Module):
         return {name: self.stacked[_key(name)] for name in self.names}
 
     def buffers_by_name(self) -> dict[str, torch.Tensor]:
+        """Stacked buffers by member-module name ('1.running_mean' -> [M, *shape])."""
         return {name: getattr(self, "buffer__" + _key(name)) for name in self.buffer_names}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Stacked parameters and buffers by member-module name: what the engine and torch.func run on."""
+        return {**self.params(), **self.buffers_by_name()}
+
+    def fused_graph(self) -> Graph | None:
+        """The layer graph in this mode when this call runs on the stacked engine, else None (with the
+        one-time warning saying why)."""
+        return _graph_in_mode(self.graph, self.unsupported, self.training)
 
     def fused(self) -> bool:
         """True when this call runs on the stacked engine (architecture supported in this mode)."""
-        if self.layers is None:
-            _warn_once(self.unsupported)
-            return False
-        if not engine.fusable_in_mode(self.layers, self.training):
-            _warn_once("Dropout with p > 0 in training mode")
-            return False
-        return True
+        return self.fused_graph() is not None
 
     def engine(self, backend: str | None = None) -> engine.Engine:
+        """The stacked engine over this ensemble's state (the architecture must be fused in this mode)."""
         device = next(iter(self.stacked.values())).device
-        return engine.Engine(self.layers, self.params(), backends.resolve(backend, device.type))
+        return engine.Engine(self.fused_graph(), self.state(), backends.resolve(backend, device.type))
 
     def members(self) -> list[nn.Module]:
         """Unstacked copies of the members as ordinary nn.Modules (detached from this ensemble)."""
@@ -143,15 +152,7 @@ class Ensemble(nn.Module):
 
                 return recorded_logits(run, x, per_member)
             return run.forward(x, per_member=per_member)[0]
-        params = {name: tensor for name, tensor in self.params().items()}
-        params.update(self.buffers_by_name())
-        template = self._template[0]
-        template.train(self.training)
-
-        def call(member_params, member_x):
-            return torch.func.functional_call(template, member_params, (member_x,))
-
-        return torch.func.vmap(call, in_dims=(0, 0 if per_member else None), randomness="different")(params, x)
+        return generic.member_logits(self, x, per_member)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Ensemble output: mean of member logits, [B, C]."""
@@ -161,27 +162,48 @@ class Ensemble(nn.Module):
         return record_mean(logits, logits.mean(dim=0))
 
     def extra_repr(self) -> str:
-        path = "stacked engine" if self.layers is not None else f"generic path: {self.unsupported}"
+        path = "stacked engine" if self.graph is not None else f"generic path: {self.unsupported}"
         return f"members={self.num_members}, {path}"
 
 
-def fused_view(model: nn.Module):
-    """(layers, stacked params [M, ...]) when the engine can run ``model`` in its current mode, else None.
-
-    An Ensemble gives its stacked parameters; a plain module counts as one member (params unsqueezed,
-    still differentiable views of its own parameters).
-    """
-    if isinstance(model, Ensemble):
-        return (model.layers, model.params()) if model.fused() else None
+def _graph_in_mode(graph: Graph | None, unsupported: str | None, training: bool) -> Graph | None:
+    """``graph`` in train or eval mode, or None with the one-time warning (``unsupported``: why there is no
+    graph at all)."""
+    if graph is None:
+        _warn_once(unsupported)
+        return None
     try:
-        layers = engine.parse(model)
-    except engine.UnsupportedArchitecture as reason:
+        return graph.in_mode(training)
+    except Unsupported as reason:
         _warn_once(str(reason))
         return None
-    if not engine.fusable_in_mode(layers, model.training):
-        _warn_once("Dropout with p > 0 in training mode")
+
+
+# single modules' parsed graphs (or the reason they have none), once per module object
+_parsed: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def fused_view(model: nn.Module):
+    """(graph, stacked state [M, ...]) when the engine can run ``model`` in its current mode, else None.
+
+    An Ensemble gives its stacked parameters and buffers; a plain module counts as one member (its
+    parameters and buffers unsqueezed: differentiable views of its own parameters, and views of its
+    buffers, so running statistics update in place).
+    """
+    if isinstance(model, Ensemble):
+        graph = model.fused_graph()
+        return None if graph is None else (graph, model.state())
+    if model not in _parsed:
+        try:
+            _parsed[model] = (parse(model), None)
+        except Unsupported as reason:
+            _parsed[model] = (None, str(reason))
+    graph = _graph_in_mode(*_parsed[model], model.training)
+    if graph is None:
         return None
-    return layers, {name: p.unsqueeze(0) for name, p in model.named_parameters()}
+    state = {name: p.unsqueeze(0) for name, p in model.named_parameters()}
+    state.update({name: b.unsqueeze(0) for name, b in model.named_buffers()})
+    return graph, state
 
 
 def largest_activation(model: nn.Module, sample_shape) -> int:

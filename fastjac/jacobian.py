@@ -4,7 +4,8 @@ The penalty is the mean over the batch of an estimate of ||J(x_b)||_F^2 (DESIGN.
 fused architectures and fused single modules run on the stacked engine (one pass, no double
 backward); a chain of Linear(+ReLU) layers on a backend whose products are ATen GEMMs runs as one
 Function with a hand-written backward (``fastjac.ops.linear_chain``, ~11% faster on the vjp step);
-anything else, and mode="exact", runs on ``fastjac.reference``.
+anything else runs on the generic torch.func path (``fastjac.generic``: all members at once, one primal
+pass), and mode="exact" on ``fastjac.reference``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from dataclasses import dataclass, replace
 
-from fastjac import backends, engine, reference
+from fastjac import backends, engine, generic, reference
 from fastjac._checks import check_choice, check_inputs, check_matches_model, check_model_input, check_nproj
 from fastjac.ensemble import Ensemble, fused_view
 from fastjac.ops import linear_chain
@@ -85,16 +86,17 @@ def penalty_and_logits(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mod
     if projections is not None:
         _check_projections(projections, mode if mode != "exact" else "vjp", shared_shape, None, check_values)
 
-    fused = None if mode == "exact" else fused_view(model)
     try:
-        if fused is not None:
-            layers, params = fused
-            run = engine.Engine(layers, params, backends.resolve(backend, x.device.type))
+        if mode == "exact":
+            logits, penalty = _exact_penalty(model, x, target, per_member)
+        elif (fused := fused_view(model)) is not None:
+            graph, state = fused
+            run = engine.Engine(graph, state, backends.resolve(backend, x.device.type))
             logits, penalty = _fused_penalty(run, x, mode, nproj, target, projections, per_member, shared_shape,
                                              generator)
         else:
-            logits, penalty = _reference_penalty(model, x, mode, nproj, target, projections, per_member,
-                                                 shared_shape, generator)
+            logits, penalty = _generic_penalty(model, x, mode, nproj, target, projections, per_member, shared_shape,
+                                               generator)
     except (RuntimeError, ValueError):  # torch's shape errors, or a fused op's validator
         # x's sample shape is the usual cause: a dry run of one row says so clearly (no cost on success)
         check_model_input(model, x[0] if per_member else x, "x")
@@ -105,28 +107,52 @@ def penalty_and_logits(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mod
 
 
 def _fused_penalty(run: engine.Engine, x, mode, nproj, target, projections, per_member, shared_shape, generator):
+    """The stacked engine: tangent rows beside the primal rows (jvp), or the recorded pass's transposed
+    graph (vjp); a Linear(+ReLU) chain as one Function on the backends where that pays off."""
     batch = shared_shape[0]
     chain = run.linear_chain() if run.backend in linear_chain.JR_BACKENDS and not x.requires_grad else None
     if chain is not None:
         return _chain_penalty(chain, run.backend, x, mode, nproj, target, projections, per_member, shared_shape,
                               generator)
     if mode == "jvp":
-        u = projections if projections is not None else make_projections(
-            "jvp", nproj, shared_shape, 0, generator=generator, dtype=x.dtype, device=x.device)
+        u = _jvp_directions(projections, nproj, shared_shape, generator, x)
         logits, tangents, _ = run.forward(x, u, per_member=per_member)
-        if target == "rows":
-            return logits, _scaled_rows(tangents, 1.0 / (u.shape[0] * batch))
-        streams = tangents.mean(0, keepdim=True) if target == "ensemble" else tangents  # J_ens u = mean_m J_m u
-        return logits, streams.pow(2).sum(dim=(1, 2, 3)) / (u.shape[0] * batch)
+        return logits, _tangent_penalty(tangents, target)
     logits, _, tape = run.forward(x, per_member=per_member, record=True)
     v, scale = _vjp_projections(projections, nproj, shared_shape, logits.shape[-1], generator, x)
     return logits, _tape_penalty(run, tape, v, scale, target, batch)
 
 
+def _generic_penalty(model, x, mode, nproj, target, projections, per_member, shared_shape, generator):
+    """The generic torch.func path (``fastjac.generic``): all members at once, one primal pass."""
+    if mode == "jvp":
+        u = _jvp_directions(projections, nproj, shared_shape, generator, x)
+        logits, tangents = generic.jvp(model, x, u, per_member)
+        return logits, _tangent_penalty(tangents, target)
+    logits, inputs = generic.logits_with_input(model, x, per_member)
+    v, scale = _vjp_projections(projections, nproj, shared_shape, logits.shape[-1], generator, x)
+    return logits, _cotangent_penalty(generic.cotangents(logits, inputs, v), scale, target)
+
+
+def _tangent_penalty(tangents: torch.Tensor, target: str) -> torch.Tensor:
+    """The input-space estimate from J_m u [M, P, B, C]: ||J u||^2 averaged over the P*B rows, per member
+    [M], or of J_ens u = mean_m J_m u ([1], target "ensemble"); target "rows": the rows, scaled (``_scaled_rows``)."""
+    if target == "rows":
+        return _scaled_rows(tangents, 1.0 / (tangents.shape[1] * tangents.shape[2]))
+    if target == "ensemble":
+        tangents = tangents.mean(0, keepdim=True)
+    return tangents.pow(2).sum(dim=(1, 2, 3)) / (tangents.shape[1] * tangents.shape[2])
+
+
 def _tape_penalty(run: engine.Engine, tape, v, scale: float, target: str, batch: int) -> torch.Tensor:
     """Hoffman's estimate from a recorded engine pass: scale * ||v^T J||^2 per member [M], or of J_ens =
     mean_m J_m ([1], target "ensemble"); v [P, B, C]."""
-    g = run.cotangent(tape, v, batch)  # [M, P, B, *input]
+    return _cotangent_penalty(run.cotangent(tape, v, batch), scale, target)
+
+
+def _cotangent_penalty(g: torch.Tensor, scale: float, target: str) -> torch.Tensor:
+    """scale * ||v^T J_m||^2 from the cotangents g [M, P, B, *input], per member [M], or of
+    v^T J_ens = mean_m v^T J_m ([1], target "ensemble"); target "rows": the rows, scaled (``_scaled_rows``)."""
     if target == "rows":
         return _scaled_rows(g, scale)
     if target == "ensemble":
@@ -135,7 +161,8 @@ def _tape_penalty(run: engine.Engine, tape, v, scale: float, target: str, batch:
 
 
 def _scaled_rows(rows: torch.Tensor, scale: float) -> torch.Tensor:
-    """Projected rows [M, P, B, ...] (J_m u or v^T J_m) times sqrt(scale) as [M, N] (target "rows")."""
+    """Projected rows [M, P, B, ...] (J_m u or v^T J_m) times sqrt(scale) as [M, N]: the internal target
+    "rows" of ``logits_and_rows``, whose squared norms are the penalties."""
     return rows.flatten(1) * scale ** 0.5
 
 
@@ -161,12 +188,19 @@ def logits_and_rows(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mode: 
         check_inputs(x, "x")
     if projections is not None:
         _check_projections(projections, mode, tuple(x.shape), None, check_values)
-    fused = fused_view(model)
-    if fused is None:
-        raise ValueError("logits_and_rows needs an architecture the stacked engine fuses")
-    layers, params = fused
-    run = engine.Engine(layers, params, backends.resolve(backend, x.device.type))
-    return _fused_penalty(run, x, mode, nproj, "rows", projections, False, tuple(x.shape), generator)
+    shared_shape = tuple(x.shape)
+    if (fused := fused_view(model)) is not None:
+        graph, state = fused
+        run = engine.Engine(graph, state, backends.resolve(backend, x.device.type))
+        return _fused_penalty(run, x, mode, nproj, "rows", projections, False, shared_shape, generator)
+    return _generic_penalty(model, x, mode, nproj, "rows", projections, False, shared_shape, generator)
+
+
+def _jvp_directions(projections, nproj, shared_shape, generator, x) -> torch.Tensor:
+    """u [P, B, *input]: the caller's directions or fresh Gaussian ones."""
+    if projections is not None:
+        return projections
+    return make_projections("jvp", nproj, shared_shape, 0, generator=generator, dtype=x.dtype, device=x.device)
 
 
 def _vjp_projections(projections, nproj, shared_shape, classes: int, generator, x):
@@ -187,17 +221,15 @@ def _chain_penalty(chain, backend, x, mode, nproj, target, projections, per_memb
     if mode == "vjp":
         projections, scale = _vjp_projections(projections, nproj, shared_shape, weights[-1].shape[1], generator, x)
     else:
-        if projections is None:
-            projections = make_projections("jvp", nproj, shared_shape, 0, generator=generator, dtype=x.dtype,
-                                           device=x.device)
+        projections = _jvp_directions(projections, nproj, shared_shape, generator, x)
         scale = 1.0 / (projections.shape[0] * shared_shape[0])
     spec = linear_chain.ChainSpec(mode, target, relus, tuple(bias is not None for bias in biases), scale, backend)
     inputs = x.flatten(2) if per_member else x.flatten(1)
     return linear_chain.chain_penalty(spec, inputs, projections.flatten(2), weights, biases)
 
 
-def _reference_penalty(model, x, mode, nproj, target, projections, per_member, shared_shape, generator):
-    """Members as functions, one at a time (the generic path and mode='exact')."""
+def _exact_penalty(model, x, target, per_member):
+    """mode='exact': the reference's per-sample jacrev norms on the members as functions, one at a time."""
     if isinstance(model, Ensemble):
         functions = [model.member_function(index) for index in range(model.num_members)]
     else:
@@ -205,23 +237,12 @@ def _reference_penalty(model, x, mode, nproj, target, projections, per_member, s
     inputs = [x[index] for index in range(len(functions))] if per_member else [x] * len(functions)
     if target == "ensemble":
         functions, inputs = [reference.ensemble_model(functions)], [x]
-    if mode != "exact" and projections is None:
-        classes = functions[0](inputs[0][:1]).shape[-1] if mode == "vjp" else 0
-        projections = make_projections(mode, nproj, shared_shape, classes, generator=generator, dtype=x.dtype,
-                                       device=x.device)
-    penalties = []
-    for f, member_x in zip(functions, inputs):
-        if mode == "exact":
-            penalties.append(reference.penalty_exact(f, member_x))
-        elif mode == "jvp":
-            penalties.append(reference.penalty_jvp(f, member_x, projections))
-        else:
-            penalties.append(reference.penalty_vjp(f, member_x, projections))
+    penalties = torch.stack([reference.penalty_exact(f, member_x) for f, member_x in zip(functions, inputs)])
     if isinstance(model, Ensemble):
         logits = model.member_logits(x, per_member=per_member)
     else:
         logits = model(x).unsqueeze(0)
-    return logits, torch.stack(penalties)
+    return logits, penalties
 
 
 def jacobian_penalty(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mode: str = "vjp",

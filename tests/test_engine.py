@@ -1,5 +1,6 @@
 """The stacked engine (Ensemble.member_logits, jacobian_penalty on the fused path) against fastjac.reference
-applied to the unstacked members, on every available backend except triton (tested in its own files).
+applied to the unstacked members, on every backend and device (unavailable ones are skips with the
+reason; the reference always runs in float64 on the CPU).
 
 Values AND the gradients w.r.t. every stacked parameter, with one shared random upstream weight per
 member, in float64 (tolerance from float64 rounding) plus float32 runs whose tolerance is a small multiple
@@ -13,18 +14,38 @@ import torch
 from torch import nn
 
 import fastjac
-from fastjac import Ensemble, jacobian_penalty, models, reference
-from tests.helpers import assert_close
+from fastjac import Ensemble, backends, jacobian_penalty, models, reference
+from fastjac.testing import RTOL64, member_grads, stacked_grads, upstream_weights
+from tests.engine_cases import (F32, F64, assert_grads_close, assert_penalty_matches_reference, make_input,
+                                make_projections, reference_penalty)
+from tests.helpers import assert_close, needs_backend
 
-F64, F32 = torch.float64, torch.float32
-BACKENDS = [name for name in fastjac.backends.available() if name != "triton"]
-# float64: both sides sum the same products in different orders; for sums of up to ~1e3 terms of mixed
-# sign the relative difference stays below ~1e3 * eps64 ~ 2e-13 of the largest term. 1e-10 leaves margin and
-# is still ~1e7 times smaller than any real defect (a missing member, a wrong scale, a dropped stream).
-RTOL64 = 1e-10
+
+def _backend_params():
+    """Every backend by name, on each device it runs on; the unavailable ones are visible skips."""
+    params = []
+    for name in backends.NAMES:
+        devices = ("cpu",) if name == "cpp" else ("cuda",) if name == "cuda" else ("cpu", "cuda")
+        for device in devices:
+            marks = [needs_backend(name),
+                     pytest.mark.skipif(device == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")]
+            if name == "triton":
+                marks.append(pytest.mark.skipif(backends.triton_interpreted(), reason=(
+                    "triton on the CPU interpreter: minutes per case at these shapes; tests/test_triton_backend.py "
+                    "runs it on small shapes")))
+            params.append(pytest.param(name, device, marks=marks, id=f"{name}-{device}"))
+    return params
+
+
+BACKENDS = _backend_params()  # (backend, device): fast path on `device`, reference in float64 on the CPU
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def on_device(ensemble, x, device):
+    """The ensemble and the input on ``device``; results are compared on the CPU."""
+    return ensemble.to(device), x.to(device)
 
 
 # ------------------------------------------------------------------------------------------- builders
@@ -93,163 +114,90 @@ OTHER_ARCHS = {"conv_s2_avgpool": conv_stride_avgpool, "pool_first": pool_first,
                "dilated_overlap": dilated_overlapping_pools}
 
 
-def make_input(batch, dtype=F64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, 1, 28, 28, generator=g, dtype=dtype)
-
-
-def make_projections(mode, nproj, x, classes, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    if mode == "vjp":
-        return reference.sphere_projections(nproj, x.shape[0], classes, generator=g, dtype=x.dtype)
-    return reference.gaussian_projections(nproj, x.shape, generator=g, dtype=x.dtype)
-
-
-def reference_penalty(members, x, mode, target, projections):
-    """[M] (members) or scalar (ensemble) from the reference estimators on the unstacked members."""
-    fn = {"vjp": reference.penalty_vjp, "jvp": reference.penalty_jvp}[mode]
-    if target == "members":
-        return torch.stack([fn(member, x, projections) for member in members])
-    return fn(reference.ensemble_model(members), x, projections)
-
-
-def engine_grads(ensemble, value):
-    grads = torch.autograd.grad(value, list(ensemble.params().values()), allow_unused=True)
-    return {name: torch.zeros_like(p) if g is None else g
-            for (name, p), g in zip(ensemble.params().items(), grads)}
-
-
-def reference_grads(members, value):
-    """Gradients of ``value`` w.r.t. every member parameter, restacked [M, ...] by name (None -> zeros)."""
-    names = [name for name, _ in members[0].named_parameters()]
-    flat = [p for member in members for p in member.parameters()]
-    grads = torch.autograd.grad(value, flat, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads)]
-    per_member = len(names)
-    return {name: torch.stack([grads[m * per_member + i] for m in range(len(members))]) for i, name in enumerate(names)}
-
-
-def assert_grads_close(actual, expected, *, rtol, atol_scale, name):
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        # atol relative to the tensor's largest gradient: exact zeros (dead units) come out as rounding
-        # noise on the scale of the other terms
-        atol = atol_scale * float(expected[key].abs().max()) + 1e-300
-        assert_close(actual[key], expected[key], rtol=rtol, atol=atol, name=f"{name} d/d{key}")
-
-
-def assert_penalty_matches_reference(mods, ensemble, x, mode, target, projections, backend, label):
-    """The fast penalty of ``ensemble`` (float64 copies of ``mods``) equals the reference estimator on the
-    unstacked members, and so do its gradients w.r.t. every parameter. Returns the fast penalty."""
-    value = jacobian_penalty(ensemble, x, nproj=projections.shape[0], mode=mode, target=target,
-                             projections=projections, backend=backend)
-    expected = reference_penalty(mods, x, mode, target, projections)
-    assert float(expected.detach().abs().min()) > 0, "degenerate case: a zero Jacobian tests nothing"
-    assert_close(value, expected, rtol=RTOL64, atol=0, name=f"{label} {mode}/{target} penalty")
-    w = upstream(len(mods), F64) if target == "members" else upstream(1, F64)[0]
-    assert_grads_close(engine_grads(ensemble, (w * value).sum()), reference_grads(mods, (w * expected).sum()),
-                       rtol=RTOL64, atol_scale=RTOL64, name=f"{label} {mode}/{target} penalty")
-    return value
-
-
-def upstream(count, dtype, seed=3):
-    """One shared random upstream weight per member (so a swapped or dropped member shows up)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(count, generator=g, dtype=dtype) + 0.5
-
-
 # --------------------------------------------------------------------------------------- member logits
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("arch", ["mlp", "lenet", *OTHER_ARCHS])
 @pytest.mark.parametrize("members", [1, 5])
-def test_member_logits_shared_input(backend, arch, members):
+def test_member_logits_shared_input(backend, device, arch, members):
     mods = make_members(arch, members)
-    ensemble = Ensemble(copy.deepcopy(mods)).eval()
-    assert ensemble.layers is not None, "this architecture should run on the stacked engine"
+    ensemble, x_dev = on_device(Ensemble(copy.deepcopy(mods)).eval(), make_input(3), device)
+    assert ensemble.graph is not None, "this architecture should run on the stacked engine"
     x = make_input(3)
-    logits = ensemble.member_logits(x, backend=backend)
+    logits = ensemble.member_logits(x_dev, backend=backend)
     expected = reference.member_logits(mods, x)
     assert_close(logits, expected, rtol=RTOL64, atol=RTOL64 * float(expected.detach().abs().max()), name="member logits")
     # gradients with one random upstream [M, B, C]
     grad_out = torch.randn(expected.shape, dtype=F64)
-    assert_grads_close(engine_grads(ensemble, (logits * grad_out).sum()),
-                       reference_grads(mods, (expected * grad_out).sum()),
+    assert_grads_close(stacked_grads(ensemble, (logits * grad_out.to(device)).sum()),
+                       member_grads(mods, (expected * grad_out).sum()),
                        rtol=RTOL64, atol_scale=RTOL64, name="member logits")
-    assert_close(ensemble(x), expected.mean(0), rtol=RTOL64, atol=RTOL64 * float(expected.detach().abs().max()),
+    assert_close(ensemble(x_dev), expected.mean(0), rtol=RTOL64, atol=RTOL64 * float(expected.detach().abs().max()),
                  name="ensemble forward")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("arch", ["mlp", "lenet"])
-def test_member_logits_per_member_input(backend, arch):
+def test_member_logits_per_member_input(backend, device, arch):
     mods = make_members(arch, 3)
-    ensemble = Ensemble(copy.deepcopy(mods)).eval()
     x = torch.rand(3, 2, 1, 28, 28, dtype=F64)  # [M, B, ...]: member m sees x[m]
-    logits = ensemble.member_logits(x, per_member=True, backend=backend)
+    ensemble, x_dev = on_device(Ensemble(copy.deepcopy(mods)).eval(), x, device)
+    logits = ensemble.member_logits(x_dev, per_member=True, backend=backend)
     expected = torch.stack([member(x[m]) for m, member in enumerate(mods)])
     assert_close(logits, expected, rtol=RTOL64, atol=RTOL64 * float(expected.detach().abs().max()), name="per-member logits")
     grad_out = torch.randn(expected.shape, dtype=F64)
-    assert_grads_close(engine_grads(ensemble, (logits * grad_out).sum()),
-                       reference_grads(mods, (expected * grad_out).sum()),
+    assert_grads_close(stacked_grads(ensemble, (logits * grad_out.to(device)).sum()),
+                       member_grads(mods, (expected * grad_out).sum()),
                        rtol=RTOL64, atol_scale=RTOL64, name="per-member logits")
     with pytest.raises(ValueError, match="per-member inputs"):
-        ensemble.member_logits(x[:2], per_member=True, backend=backend)
+        ensemble.member_logits(x_dev[:2], per_member=True, backend=backend)
 
 
 # ------------------------------------------------------------------------- penalty vs reference, float64
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("arch", ["mlp", "lenet"])
 @pytest.mark.parametrize("members", [1, 5])  # 5: differs from every batch size and nproj used
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
 @pytest.mark.parametrize("target", ["members", "ensemble"])
 @pytest.mark.parametrize("nproj", [1, 3])
-def test_penalty_matches_reference_float64(backend, arch, members, batch, mode, target, nproj):
+def test_penalty_matches_reference_float64(backend, device, arch, members, batch, mode, target, nproj):
     mods = make_members(arch, members)
-    ensemble = Ensemble(copy.deepcopy(mods)).eval()
     x = make_input(batch)
-    projections = make_projections(mode, nproj, x, 10)
-    value = jacobian_penalty(ensemble, x, nproj=nproj, mode=mode, target=target, projections=projections,
-                             backend=backend)
-    expected = reference_penalty(mods, x, mode, target, projections)
-    assert value.shape == ((members,) if target == "members" else ())
-    assert float(expected.detach().abs().min()) > 0, "degenerate case: a zero Jacobian tests nothing"
-    assert_close(value, expected, rtol=RTOL64, atol=0, name=f"{mode}/{target} penalty")
-    w = upstream(members, F64) if target == "members" else upstream(1, F64)[0]
-    assert_grads_close(engine_grads(ensemble, (w * value).sum()), reference_grads(mods, (w * expected).sum()),
-                       rtol=RTOL64, atol_scale=RTOL64, name=f"{mode}/{target} penalty")
+    ensemble, x_dev = on_device(Ensemble(copy.deepcopy(mods)).eval(), x, device)
+    assert_penalty_matches_reference(mods, ensemble, x, mode, target, make_projections(mode, nproj, x, 10), backend,
+                                     arch, x_dev)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("arch", list(OTHER_ARCHS))
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
 @pytest.mark.parametrize("target", ["members", "ensemble"])
-def test_penalty_other_layer_kinds_float64(backend, arch, mode, target):
+def test_penalty_other_layer_kinds_float64(backend, device, arch, mode, target):
     """AvgPool2d, standalone ReLUs after pooling / on the shared input, strided padded Conv2d, bias-free
     layers, pooling before any weight: each has its own transposed path in the engine."""
     mods = make_members(arch, 3)
-    ensemble = Ensemble(copy.deepcopy(mods)).eval()
-    assert ensemble.layers is not None
     x = make_input(3)
+    ensemble, x_dev = on_device(Ensemble(copy.deepcopy(mods)).eval(), x, device)
+    assert ensemble.graph is not None
     assert_penalty_matches_reference(mods, ensemble, x, mode, target, make_projections(mode, 2, x, 5), backend,
-                                     arch)
+                                     arch, x_dev)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("arch", ["mlp", "lenet"])
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
-def test_penalty_per_member_input(backend, arch, mode):
+def test_penalty_per_member_input(backend, device, arch, mode):
     mods = make_members(arch, 3)
-    ensemble = Ensemble(copy.deepcopy(mods)).eval()
     x = torch.rand(3, 2, 1, 28, 28, dtype=F64)
+    ensemble, x_dev = on_device(Ensemble(copy.deepcopy(mods)).eval(), x, device)
     projections = make_projections(mode, 2, x[0], 10)
-    value = jacobian_penalty(ensemble, x, nproj=2, mode=mode, projections=projections, backend=backend,
+    value = jacobian_penalty(ensemble, x_dev, nproj=2, mode=mode, projections=projections.to(device), backend=backend,
                              per_member=True)
     fn = {"vjp": reference.penalty_vjp, "jvp": reference.penalty_jvp}[mode]
     expected = torch.stack([fn(member, x[m], projections) for m, member in enumerate(mods)])
     assert_close(value, expected, rtol=RTOL64, atol=0, name="per-member penalty")
-    w = upstream(3, F64)
-    assert_grads_close(engine_grads(ensemble, (w * value).sum()), reference_grads(mods, (w * expected).sum()),
+    w = upstream_weights(3, F64)
+    assert_grads_close(stacked_grads(ensemble, (w.to(device) * value).sum()), member_grads(mods, (w * expected).sum()),
                        rtol=RTOL64, atol_scale=RTOL64, name="per-member penalty")
 
 
@@ -262,66 +210,67 @@ def float32_atol(ref32, ref64):
     return 4 * plain_error + 16 * torch.finfo(F32).eps * float(ref64.abs().max())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("arch", ["mlp", "lenet"])
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
-def test_penalty_float32_within_plain_float32_error(backend, arch, mode):
+def test_penalty_float32_within_plain_float32_error(backend, device, arch, mode):
     mods64 = make_members(arch, 3, F64)
     mods32 = [copy.deepcopy(m).to(F32) for m in mods64]
-    ensemble = Ensemble(copy.deepcopy(mods32)).eval()
     x64 = make_input(3, F64)
     p64 = make_projections(mode, 3, x64, 10)
     x32, p32 = x64.to(F32), p64.to(F32)
-    value = jacobian_penalty(ensemble, x32, nproj=3, mode=mode, projections=p32, backend=backend)
+    ensemble, x_dev = on_device(Ensemble(copy.deepcopy(mods32)).eval(), x32, device)
+    value = jacobian_penalty(ensemble, x_dev, nproj=3, mode=mode, projections=p32.to(device), backend=backend)
     assert value.dtype == F32
     ref64 = reference_penalty(mods64, x64, mode, "members", p64)
     ref32 = reference_penalty(mods32, x32, mode, "members", p32)
     assert_close(value, ref64, rtol=0, atol=float32_atol(ref32, ref64), name="float32 penalty")
-    w64 = upstream(3, F64)
-    got = engine_grads(ensemble, (w64.to(F32) * value).sum())
-    want64 = reference_grads(mods64, (w64 * ref64).sum())
-    want32 = reference_grads(mods32, (w64.to(F32) * ref32).sum())
+    w64 = upstream_weights(3, F64)
+    got = stacked_grads(ensemble, (w64.to(F32).to(device) * value).sum())
+    want64 = member_grads(mods64, (w64 * ref64).sum())
+    want32 = member_grads(mods32, (w64.to(F32) * ref32).sum())
     for key in want64:
         assert_close(got[key], want64[key], rtol=0, atol=float32_atol(want32[key], want64[key]),
                      name=f"float32 penalty d/d{key}")
 
 
 # --------------------------------------------------------------------------------------- exact & single
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("arch", ["mlp", "lenet"])
 @pytest.mark.parametrize("target", ["members", "ensemble"])
-def test_vjp_nproj_minus_one_is_exact(backend, arch, target):
+def test_vjp_nproj_minus_one_is_exact(backend, device, arch, target):
     mods = make_members(arch, 3)
-    ensemble = Ensemble(copy.deepcopy(mods)).eval()
     x = make_input(2)
-    value = jacobian_penalty(ensemble, x, nproj=-1, mode="vjp", target=target, backend=backend)
+    ensemble, x_dev = on_device(Ensemble(copy.deepcopy(mods)).eval(), x, device)
+    value = jacobian_penalty(ensemble, x_dev, nproj=-1, mode="vjp", target=target, backend=backend)
     if target == "members":
         expected = torch.stack([reference.penalty_exact(member, x) for member in mods])
-        w = upstream(3, F64)
+        w = upstream_weights(3, F64)
     else:
         expected = reference.penalty_exact(reference.ensemble_model(mods), x)
-        w = upstream(1, F64)[0]
+        w = upstream_weights(1, F64)[0]
     assert_close(value, expected, rtol=RTOL64, atol=0, name="vjp nproj=-1")
-    assert_grads_close(engine_grads(ensemble, (w * value).sum()), reference_grads(mods, (w * expected).sum()),
+    assert_grads_close(stacked_grads(ensemble, (w.to(device) * value).sum()), member_grads(mods, (w * expected).sum()),
                        rtol=RTOL64, atol_scale=RTOL64, name="vjp nproj=-1")
     # mode="exact" (reference jacrev on the live stacked parameters) agrees too
-    exact = jacobian_penalty(ensemble, x, mode="exact", target=target, backend=backend)
+    exact = jacobian_penalty(ensemble, x_dev, mode="exact", target=target, backend=backend)
     assert_close(exact, expected, rtol=RTOL64, atol=0, name="mode=exact")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("arch", ["mlp", "lenet"])
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
-def test_single_module_matches_reference(backend, arch, mode):
+def test_single_module_matches_reference(backend, device, arch, mode):
     (module,) = make_members(arch, 1)
     ref_module = copy.deepcopy(module)
     x = make_input(3)
     projections = make_projections(mode, 2, x, 10)
-    value = jacobian_penalty(module, x, nproj=2, mode=mode, projections=projections, backend=backend)
+    module, x_dev = on_device(module, x, device)
+    value = jacobian_penalty(module, x_dev, nproj=2, mode=mode, projections=projections.to(device), backend=backend)
     assert value.shape == ()
     expected = reference_penalty([ref_module], x, mode, "ensemble", projections)
     assert_close(value, expected, rtol=RTOL64, atol=0, name="single module penalty")
-    assert_grads_close(engine_grads_module(module, value), reference_grads([ref_module], expected),
+    assert_grads_close(engine_grads_module(module, value), member_grads([ref_module], expected),
                        rtol=RTOL64, atol_scale=RTOL64, name="single module penalty")
 
 
@@ -332,8 +281,8 @@ def engine_grads_module(module, value):
 
 
 # ------------------------------------------------------------------------------------- generic path
-def tanh_mlp():
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 7), nn.Tanh(), nn.Linear(7, 5))
+def hardtanh_mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 7), nn.Hardtanh(), nn.Linear(7, 5))
 
 
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
@@ -341,17 +290,17 @@ def tanh_mlp():
 def test_unfused_architecture_generic_path_correct_and_warns_once(monkeypatch, mode, target):
     monkeypatch.setattr(fastjac.ensemble, "_warned", set())  # "once" is per process; start from a clean slate
     torch.manual_seed(0)
-    mods = [tanh_mlp().double() for _ in range(3)]
+    mods = [hardtanh_mlp().double() for _ in range(3)]
     ensemble = Ensemble(copy.deepcopy(mods))
-    assert ensemble.layers is None and "Tanh" in ensemble.unsupported
+    assert ensemble.graph is None and "Hardtanh" in ensemble.unsupported
     x = make_input(2)
     projections = make_projections(mode, 2, x, 5)
     with pytest.warns(UserWarning, match="generic"):
         value = jacobian_penalty(ensemble, x, nproj=2, mode=mode, target=target, projections=projections)
     expected = reference_penalty(mods, x, mode, target, projections)
     assert_close(value, expected, rtol=RTOL64, atol=0, name="generic path penalty")
-    w = upstream(3, F64) if target == "members" else upstream(1, F64)[0]
-    assert_grads_close(engine_grads(ensemble, (w * value).sum()), reference_grads(mods, (w * expected).sum()),
+    w = upstream_weights(3, F64) if target == "members" else upstream_weights(1, F64)[0]
+    assert_grads_close(stacked_grads(ensemble, (w * value).sum()), member_grads(mods, (w * expected).sum()),
                        rtol=RTOL64, atol_scale=RTOL64, name="generic path penalty")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call must not warn again
@@ -377,19 +326,19 @@ def test_dropout_in_training_mode_takes_generic_path_with_warning(monkeypatch):
 # draws as 40 group means; their sample std / sqrt(40) is the estimator's own standard error.
 # |mean - exact| < 4 SE is a 4-sigma bound (false alarm ~6e-5 by the CLT on group means of 100 draws),
 # seeded, so deterministic. A wrong scale (C, nproj, B) or a non-unit / non-Gaussian draw misses by far more.
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("mode", ["jvp", "vjp"])
-def test_fast_path_estimator_is_unbiased(backend, mode):
+def test_fast_path_estimator_is_unbiased(backend, device, mode):
     torch.manual_seed(4)
     mods = [models.mlp(hidden=(9, 7), num_classes=4, in_features=12).double() for _ in range(2)]
-    ensemble = Ensemble(mods).eval()
     x = torch.rand(2, 12, dtype=F64)
     exact = torch.stack([reference.penalty_exact(m, x) for m in mods]).detach()
+    ensemble, x_dev = on_device(Ensemble(mods).eval(), x, device)
     assert float(exact.min()) > 0
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator(device=device).manual_seed(5)
     with torch.no_grad():
-        groups = torch.stack([jacobian_penalty(ensemble, x, nproj=100, mode=mode, backend=backend, generator=g)
-                              for _ in range(40)])  # [40, M]
+        groups = torch.stack([jacobian_penalty(ensemble, x_dev, nproj=100, mode=mode, backend=backend, generator=g)
+                              for _ in range(40)]).cpu()  # [40, M]
     mean, se = groups.mean(0), groups.std(0) / 40 ** 0.5
     assert bool((se > 0).all())
     assert bool(((mean - exact).abs() < 4 * se).all()), f"{mode}: mean {mean.tolist()} exact {exact.tolist()} 4SE {(4 * se).tolist()}"

@@ -89,9 +89,9 @@ def test_single_module_matches_reference(batches64):
 
 
 def test_unfused_ensemble_matches_reference(batches64, monkeypatch):
-    """An architecture the engine does not fuse (Tanh) attacks through the generic path, same result."""
+    """An architecture the engine does not fuse (Hardtanh) attacks through the generic path, same result."""
     torch.manual_seed(0)
-    members = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 9), torch.nn.Tanh(),
+    members = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 9), torch.nn.Hardtanh(),
                                    torch.nn.Linear(9, 10)).double() for _ in range(3)]
     ensemble = Ensemble(copy.deepcopy(members))
     monkeypatch.setattr(fastjac.ensemble, "_warned", set())  # the warning is once per process

@@ -1,0 +1,161 @@
+"""The generic torch.func path (fastjac/generic.py) for members the registry does not fuse, against the
+reference: an untraceable member (data-dependent control flow: the per-member loop), an unfusable one
+(vmap over the members), BatchNorm in train mode on this path (the running statistics once per pass, no
+in-place update inside the transforms: the jvp mode used to crash), single modules and per-member inputs.
+Logits, penalties (both modes and targets, nproj 1 and 3, M 1 and 5) and every parameter gradient in
+float64."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastjac
+from fastjac import Ensemble, generic, jacobian_penalty, reference
+from fastjac.testing import RTOL64, member_grads, stacked_grads, upstream_weights
+from tests.engine_cases import (F64, assert_grads_close, assert_logits_match_reference,
+                                assert_penalty_matches_reference, make_input, make_projections, reference_penalty)
+from tests.helpers import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Gated(nn.Module):
+    """Data-dependent control flow on the member's own activations: neither torch.fx nor vmap over the
+    members can follow it (each member takes its own branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(784, 7), nn.Linear(7, 5)
+
+    def forward(self, x):
+        h = self.fc1(x.flatten(1))
+        h = torch.tanh(h) if h.sum() > 0 else torch.sigmoid(h)
+        return self.fc2(h)
+
+
+def hardtanh_cnn():
+    """Unfusable (Hardtanh) but vmappable, with a BatchNorm."""
+    return nn.Sequential(nn.Conv2d(1, 3, 3, stride=3), nn.BatchNorm2d(3), nn.Hardtanh(), nn.Flatten(),
+                         nn.Linear(3 * 9 * 9, 5))
+
+
+MODELS = {"gated": Gated, "hardtanh_cnn": hardtanh_cnn}
+
+
+def make_generic_case(name, members, train=False, seed=0):
+    torch.manual_seed(seed)
+    mods = [MODELS[name]().to(F64).train(train) for _ in range(members)]
+    if name == "gated":  # both branches among the members
+        with torch.no_grad():
+            mods[0].fc1.bias.fill_(3.0)
+    ensemble = Ensemble(copy.deepcopy(mods)).train(train)
+    assert ensemble.graph is None
+    return mods, ensemble, make_input(3, low=-1.0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    monkeypatch.setattr(fastjac.ensemble, "_warned", set())  # the warning is once per process
+
+
+def test_untraceable_member_takes_the_generic_path_with_a_warning():
+    mods, ensemble, x = make_generic_case("gated", 3)
+    assert "torch.fx cannot trace Gated" in ensemble.unsupported
+    with pytest.warns(UserWarning, match="generic torch.func path .*cannot trace Gated"):
+        value = jacobian_penalty(ensemble, x, nproj=2, mode="jvp", projections=make_projections("jvp", 2, x, 5))
+    assert_close(value, reference_penalty(mods, x, "jvp", "members", make_projections("jvp", 2, x, 5)),
+                 rtol=RTOL64, atol=0, name="gated jvp")
+    assert ensemble._template[0] in generic._LOOPED, "vmap cannot run Gated: one member at a time"
+
+
+def test_unfusable_but_vmappable_member_runs_all_members_at_once():
+    mods, ensemble, x = make_generic_case("hardtanh_cnn", 3)
+    with pytest.warns(UserWarning, match="Hardtanh is not fused"):
+        assert_logits_match_reference(mods, ensemble, x, None, "hardtanh_cnn")
+    assert ensemble._template[0] not in generic._LOOPED
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("members", [1, 5])
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+@pytest.mark.parametrize("target", ["members", "ensemble"])
+@pytest.mark.parametrize("nproj", [1, 3])
+def test_generic_penalty_matches_reference(name, members, mode, target, nproj):
+    mods, ensemble, x = make_generic_case(name, members)
+    with pytest.warns(UserWarning, match="generic"):
+        assert_penalty_matches_reference(mods, ensemble, x, mode, target, make_projections(mode, nproj, x, 5), None,
+                                         name)
+
+
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+@pytest.mark.parametrize("target", ["members", "ensemble"])
+def test_generic_batchnorm_in_train_mode(mode, target):
+    """Regression (issue 11): BatchNorm in train mode on the generic path crashed in the jvp mode. It runs,
+    equals the reference (whose BatchNorm computes its batch statistics in plain ops: see
+    tests/engine_cases.py), and updates the running statistics once, as a plain forward does."""
+    mods, ensemble, x = make_generic_case("hardtanh_cnn", 3, train=True)
+    with pytest.warns(UserWarning, match="generic"):
+        assert_penalty_matches_reference(mods, ensemble, x, mode, target, make_projections(mode, 2, x, 5), None,
+                                         "generic batchnorm")
+    for member in mods:
+        member(x)  # one plain training forward each
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        expected = torch.stack([dict(m.named_buffers())[f"1.{key}"] for m in mods])
+        assert_close(ensemble.buffers_by_name()[f"1.{key}"], expected, rtol=RTOL64, atol=RTOL64, name=key)
+
+
+def test_generic_member_logits_in_train_mode_update_running_statistics_once():
+    mods, ensemble, x = make_generic_case("hardtanh_cnn", 2, train=True)
+    with pytest.warns(UserWarning, match="generic"):
+        assert_logits_match_reference(mods, ensemble, x, None, "generic train logits")
+    expected = torch.stack([m[1].running_var for m in mods])
+    assert_close(ensemble.buffers_by_name()["1.running_var"], expected, rtol=RTOL64, atol=RTOL64, name="running_var")
+
+
+def test_generic_single_module():
+    torch.manual_seed(0)
+    module = Gated().to(F64)
+    module.fc1.bias.data.fill_(-3.0)
+    ref_module = copy.deepcopy(module)
+    x = make_input(3, low=-1.0)
+    for mode in ("vjp", "jvp"):
+        projections = make_projections(mode, 2, x, 5)
+        with pytest.warns(UserWarning, match="generic"):
+            value, logits = jacobian_penalty(module, x, nproj=2, mode=mode, projections=projections,
+                                             return_logits=True)
+        fastjac.ensemble._warned.clear()
+        expected = reference_penalty([ref_module], x, mode, "ensemble", projections)
+        assert value.shape == () and logits.shape == (3, 5)
+        assert_close(value, expected, rtol=RTOL64, atol=0, name=f"single {mode}")
+        assert_close(logits, ref_module(x), rtol=RTOL64, atol=1e-14, name="single logits")
+        got = torch.autograd.grad(value, list(module.parameters()), allow_unused=True)
+        want = torch.autograd.grad(expected, list(ref_module.parameters()), allow_unused=True)
+        for a, e in zip(got, want):  # the last bias does not reach the penalty: None on both sides
+            assert (a is None) == (e is None)
+            if e is not None:
+                assert_close(a, e, rtol=RTOL64, atol=RTOL64 * float(e.abs().max()), name=f"single {mode} grad")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+def test_generic_per_member_input(name, mode):
+    mods, ensemble, _ = make_generic_case(name, 3)
+    x = make_input(6, low=-1.0).view(3, 2, 1, 28, 28)
+    projections = make_projections(mode, 2, x[0], 5)
+    with pytest.warns(UserWarning, match="generic"):
+        value = jacobian_penalty(ensemble, x, nproj=2, mode=mode, projections=projections, per_member=True)
+    fn = {"vjp": reference.penalty_vjp, "jvp": reference.penalty_jvp}[mode]
+    expected = torch.stack([fn(member, x[m], projections) for m, member in enumerate(mods)])
+    assert_close(value, expected, rtol=RTOL64, atol=0, name="per-member penalty")
+    w = upstream_weights(3, F64)
+    assert_grads_close(stacked_grads(ensemble, (w * value).sum()), member_grads(mods, (w * expected).sum()),
+                       rtol=RTOL64, atol_scale=RTOL64, name="per-member penalty")
+
+
+def test_exact_mode_still_runs_the_reference():
+    mods, ensemble, x = make_generic_case("hardtanh_cnn", 2)
+    with pytest.warns(UserWarning, match="generic"):
+        value = jacobian_penalty(ensemble, x, mode="exact")
+    expected = torch.stack([reference.penalty_exact(m, x) for m in mods])
+    assert_close(value, expected, rtol=RTOL64, atol=0, name="exact")
