@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import fastjac
 from fastjac import Ensemble, distributed, models
@@ -31,7 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT_S = 150  # a whole launch on this shared 2-core machine; it takes ~20-40 s when quiet
 FAULT_TIMEOUT_S = 8     # the collective timeout of the fault tests' ranks
 
-ARCHITECTURES = {"mlp": dict(hidden=(16,)), "lenet": dict(channels=(2, 3), hidden=(8,))}
+BUILDERS = {  # tiny members: the MLP chain Function, LeNet and a BatchNorm ResNet on the engine, the generic path
+    "mlp": lambda: models.mlp(hidden=(16,)),
+    "lenet": lambda: models.lenet(channels=(2, 3), hidden=(8,)),
+    "resnet": lambda: models.resnet(depth=8, width=2),
+    "hardtanh": lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 12), nn.Hardtanh(), nn.Linear(12, 10)),
+}
 # Members-target and ensemble-target runs, float64: every case runs 2 epochs of 3 steps (96 samples, batch 32)
 TRAIN_CASES = {
     "members-vjp-mlp-independent": dict(arch="mlp", members=5, jr_lambda=[0.1, 0.0, 0.2, 0.05, 0.1],
@@ -41,6 +47,7 @@ TRAIN_CASES = {
     "ensemble-jvp-mlp": dict(arch="mlp", members=4, jr_lambda=0.2, jr_target="ensemble", jr_mode="jvp", nproj=2),
     "ensemble-vjp-lenet": dict(arch="lenet", members=3, jr_lambda=0.3, jr_target="ensemble", jr_mode="vjp"),
     "ensemble-jvp-lenet": dict(arch="lenet", members=4, jr_lambda=0.3, jr_target="ensemble", jr_mode="jvp"),
+    "ensemble-vjp-resnet": dict(arch="resnet", members=3, jr_lambda=0.3, jr_target="ensemble", jr_mode="vjp"),
     "ensemble-exact-mlp": dict(arch="mlp", members=3, jr_lambda=0.2, jr_target="ensemble", jr_mode="exact"),
     "ensemble-plain-mlp": dict(arch="mlp", members=3, jr_lambda=0.0, jr_target="ensemble"),
 }
@@ -51,7 +58,7 @@ SETTINGS = dict(batch_size=32, lr=1e-2, seed=1, progress=False)
 # ------------------------------------------------------------------------------------- what the ranks run
 def ensemble(arch: str, members: int, seed: int = 0) -> Ensemble:
     torch.manual_seed(seed)
-    return Ensemble([models.build(arch, **ARCHITECTURES[arch]) for _ in range(members)]).double()
+    return Ensemble([BUILDERS[arch]() for _ in range(members)]).double()
 
 
 def samples(count: int):
@@ -218,13 +225,16 @@ def test_world_blocks_are_contiguous_and_cover_every_member():
             assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
 
 
-@pytest.mark.parametrize("arch", ["mlp", "lenet"])
+@pytest.mark.parametrize("arch", list(BUILDERS))
 @pytest.mark.parametrize("mode,nproj", [("vjp", 2), ("jvp", 3), ("vjp", -1), ("exact", 1)])
 @pytest.mark.parametrize("backend", [pytest.param(name, marks=needs_backend(name)) for name in ("torch", "cpp")])
 def test_rows_make_both_targets_penalties(arch, mode, nproj, backend):
     """||mean_m rows_m||^2 is the ensemble target's penalty and ||rows_m||^2 the members target's, with the same
-    projections (one generator seed), values and every parameter gradient: what train spreads over ranks."""
+    projections (one generator seed), values and every parameter gradient: what train spreads over ranks.
+    (ResNet: BatchNorm in training mode, batch statistics; Hardtanh: the generic torch.func path.)"""
     model = ensemble(arch, 3)
+    if mode == "exact":  # the reference's jacrev cannot run BatchNorm's in-place running-statistics update
+        model.eval()
     x = samples(5)[0]
     weights = torch.randn(5, 10, dtype=torch.float64)  # a loss that weighs every logit differently
     logits, rows = logits_and_rows(model, x, mode=mode, nproj=nproj, backend=backend,
