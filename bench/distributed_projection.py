@@ -120,7 +120,7 @@ def speedup(kind: str, members: int, size: int, flops: dict, machine: dict, batc
 KINDS = ("members", "ensemble-vjp", "ensemble-jvp", "uap-members", "uap-data")
 
 
-def report(machine: dict, batch: int, nproj: int, kinds=KINDS) -> str:
+def report(machine: dict, batch: int, nproj: int, kinds=KINDS, member_counts=MEMBERS) -> str:
     lines = [f"Assumptions: {machine['rate'] / 1e12:g} TFLOP/s achieved per GPU plus {machine['overhead'] * 1e6:g} us "
              f"per step, all-reduce at {machine['bandwidth'] / 1e9:g} GB/s with {machine['latency'] * 1e6:g} us per "
              f"tree level, batch {batch}, nproj {nproj}, float32, K = 1 UAP; the members target runs the vjp step; "
@@ -143,7 +143,7 @@ def report(machine: dict, batch: int, nproj: int, kinds=KINDS) -> str:
               "|---|---|---|" + "---|" * len(RANKS)]
     for arch, flops in counted.items():
         for kind in kinds:
-            for members in MEMBERS:
+            for members in member_counts:
                 cells = []
                 for size in RANKS:
                     if size > members and kind != "uap-data":
@@ -163,11 +163,12 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--nproj", type=int, default=1)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--members", nargs="+", type=int, default=list(MEMBERS), help="ensemble sizes M")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     machine = {"rate": args.rate_tflops * 1e12, "overhead": args.overhead_us * 1e-6,
                "bandwidth": args.bandwidth_gbs * 1e9, "latency": args.latency_us * 1e-6}
-    print(report(machine, args.batch, args.nproj, args.kinds))
+    print(report(machine, args.batch, args.nproj, args.kinds, args.members))
 
 
 if __name__ == "__main__":
