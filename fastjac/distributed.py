@@ -15,7 +15,8 @@ What crosses the ranks (all of it through this module's collectives):
   gradients and losses of each rank's share of the batch (data).
 
 Faults: every collective waits at most the process group's timeout (``init(timeout=...)``; torch's default
-otherwise); a failed or timed-out collective raises ``CommunicationError`` naming the rank and the step.
+otherwise); a failed or timed-out collective raises ``CommunicationError`` naming the rank and what it was
+doing (which all-reduce or gather). On NCCL a timed-out collective is reported by PyTorch's watchdog instead.
 File reads and writes happen on rank 0 only (``on_rank0``), and their errors reach every rank, so all ranks
 stop together with the same message.
 """
