@@ -7,6 +7,11 @@ on the same values (the models, inputs and projections are drawn in float32, so 
 exact). Compared: member logits, penalties (vjp and jvp, targets members and ensemble, with the same
 explicit projections) and the gradients of the penalties w.r.t. every stacked parameter. A float64 row
 shows the backend's rounding; a float32 row its float32 error (a small multiple of 1e-7 is expected).
+
+Members are compared in eval mode (BatchNorm uses its running statistics). In train mode the reference
+cannot serve: its jvp estimator mutates the running statistics inside torch.func.jvp, and reverse mode
+through ATen batch_norm's forward-mode derivative is wrong in torch 2.13 (pytorch/pytorch#196699); the
+test suite checks train-mode BatchNorm against a reference written in plain ops (tests/test_batch_norm.py).
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ def _reference(members_list, x, projections) -> dict:
 
 def _errors(name, device, members_list, x, projections, expected, dtype) -> dict:
     """Worst relative errors of backend ``name`` on ``device`` in ``dtype`` against ``expected``."""
-    ensemble = Ensemble([copy.deepcopy(m).to(dtype) for m in members_list]).to(device)
+    ensemble = Ensemble([copy.deepcopy(m).to(dtype) for m in members_list]).to(device).eval()
     x = x.to(device, dtype)
     errors = {"logits": _relative_error(ensemble.member_logits(x, backend=name), expected["logits"])}
     for mode, target in CASES:
@@ -90,7 +95,7 @@ def verify(arch: str = "mlp", model_path=None, members: int = 3, batch: int = 5,
     else:
         torch.manual_seed(0)
         members_list = [models.build(arch) for _ in range(members)]
-    members_list = [copy.deepcopy(m).cpu().float() for m in members_list]  # the values both sides share
+    members_list = [copy.deepcopy(m).cpu().float().eval() for m in members_list]  # the values both sides share
     x = torch.rand(batch, *models.INPUT_SHAPE)
     generator = torch.Generator().manual_seed(1)
     projections = {mode: make_projections(mode, 2, x.shape, CLASSES, generator=generator, dtype=torch.float32)

@@ -46,3 +46,14 @@ def test_verify_reports_errors_that_exist(monkeypatch):
     monkeypatch.setattr(verify_module.Ensemble, "member_logits", off)
     report = verify(names=["torch"], device="cpu", batch=2, members=2, dtypes=(torch.float64,))
     assert report["backends"]["torch"]["float64"]["logits"] == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_verify_resnet_in_eval_mode():
+    """BatchNorm members are compared in eval mode (the ensemble too): before, the ensemble ran train-mode
+    BatchNorm against an eval-mode reference, and the reference's jvp crashed on the running statistics."""
+    import io
+
+    report = verify(arch="resnet", names=["torch"], dtypes=(torch.float64,), device="cpu",
+                                   out=io.StringIO())
+    errors = report["backends"]["torch"]["float64"]
+    assert max(errors.values()) < 1e-10, errors
