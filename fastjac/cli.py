@@ -7,18 +7,26 @@ files a killed run left there. Errors a user can cause end in one line on stderr
 ...``, with exit code 2 for bad input (arguments, files, data, backend, device) and 1 for a run that failed
 (divergence, an output in use by another run, a disk error); Ctrl-C prints one line and exits 130, leaving
 no half-written file.
+
+Under ``torchrun --nproc-per-node R`` (or any launcher that sets WORLD_SIZE > 1 and the env:// rendezvous),
+train, attack and evaluate join the process group (gloo on CPUs, NCCL on GPUs: rank r uses cuda:LOCAL_RANK)
+and spread the work over the R ranks (``fastjac.distributed``): the result equals the single-process run's.
+Rank 0 alone reads and writes the files and prints the report; an error reaches every rank.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
+from fastjac import distributed
 from fastjac.experiments import PRESETS
 from fastjac.models import ARCHITECTURES
 
@@ -71,6 +79,19 @@ def _add_force(parser, what: str):
     parser.add_argument("--force", action="store_true", help=f"overwrite {what} even if fastjac did not write it")
 
 
+def _add_timeout(parser):
+    parser.add_argument("--timeout", type=POSITIVE_FLOAT, default=None,
+                        help="under torchrun: seconds a rank waits for the others in a collective before it stops "
+                             "with an error (default FASTJAC_DIST_TIMEOUT, else 1800); with --jr-target members "
+                             "the ranks meet once per epoch, so it must exceed their epoch-time difference")
+
+
+def _add_parallel(parser):
+    parser.add_argument("--parallel", default="data", choices=["data", "members"],
+                        help="under torchrun: split the data over the ranks (every rank holds the whole model) or an "
+                             "ensemble's members")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastjac", description="Jacobian Ensembles: train, attack, evaluate.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_data(p)
     _add_backend(p)
     _add_device(p)
+    _add_timeout(p)
 
     p = commands.add_parser("attack", help="fit SGD-UAPs (several eps at once) against a model file")
     p.add_argument("--model", required=True)
@@ -106,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_data(p)
     _add_backend(p)
     _add_device(p)
+    _add_parallel(p)
+    _add_timeout(p)
 
     p = commands.add_parser("evaluate", help="clean and UAP metrics of a model file on the test set")
     p.add_argument("--model", required=True)
@@ -113,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_data(p)
     _add_backend(p)
     _add_device(p)
+    _add_parallel(p)
+    _add_timeout(p)
 
     p = commands.add_parser("reproduce", help="the accuracy/robustness trade-off study (resumable)")
     _add_data(p)
@@ -135,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _device(args) -> torch.device:
-    """--device, checked: cpu, or a CUDA device this process can see."""
+    """--device, checked: cpu, or a CUDA device this process can see (under torchrun: cuda is this rank's GPU)."""
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -146,9 +172,35 @@ def _device(args) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: no CUDA device is visible to this process")
+        device = distributed.local_device(device) if _launched() else device
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+                             + (f" (this is local rank {device.index})" if _launched() else ""))
     return device
+
+
+def _launched() -> bool:
+    """True under a launcher (torchrun) of more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _join(args, device: torch.device):
+    """The process group of a torchrun launch (joined on the first call), or None for one process."""
+    return distributed.init(device, timeout=args.timeout) if _launched() else None
+
+
+@contextlib.contextmanager
+def _output_lock(world, path):
+    """``_io.output_lock(path)`` held by rank 0 for every rank (its error, e.g. another run holds it, raised on all)."""
+    from fastjac import _io
+
+    with contextlib.ExitStack() as stack:
+        distributed.on_rank0(world, lambda: stack.enter_context(_io.output_lock(path)))
+        yield
+
+
+def _first(world) -> bool:
+    return world is None or world.is_first
 
 
 def _check_backend(args, device: torch.device) -> None:
@@ -159,7 +211,7 @@ def _check_backend(args, device: torch.device) -> None:
 
 
 # -------------------------------------------------------------------------------------------- commands
-def _cmd_train(args) -> dict:
+def _cmd_train(args) -> dict | None:
     from fastjac import _io, data, models
     from fastjac.ensemble import Ensemble
     from fastjac.experiments import subset
@@ -168,15 +220,19 @@ def _cmd_train(args) -> dict:
 
     device = _device(args)
     _check_backend(args, device)
-    out = _io.check_output_file(args.out, _io.is_model_file, force=args.force)
-    checkpoint = _io.check_output_file(f"{args.out}.ckpt", _io.is_checkpoint_file, force=args.force,
-                                       argument="checkpoint")
+    world = _join(args, device)
+    out, checkpoint = distributed.on_rank0(world, lambda: (
+        _io.check_output_file(args.out, _io.is_model_file, force=args.force),
+        _io.check_output_file(f"{args.out}.ckpt", _io.is_checkpoint_file, force=args.force, argument="checkpoint")))
     train_data = [t.to(device) for t in subset(*data.load(args.dataset, "train", args.data_root), args.samples, args.seed)]
     test_data = [t.to(device) for t in data.load(args.dataset, "test", args.data_root)]
-    with _io.output_lock(out):
-        _io.remove_orphans(out.parent, out.name)  # .OUT.*.tmp and .OUT.ckpt.*.tmp of a killed run
-        if args.force and checkpoint.exists() and not _io.is_checkpoint_file(checkpoint):
-            checkpoint.unlink()
+    with _output_lock(world, out):
+        def clean():
+            _io.remove_orphans(out.parent, out.name)  # .OUT.*.tmp and .OUT.ckpt.*.tmp of a killed run
+            if args.force and checkpoint.exists() and not _io.is_checkpoint_file(checkpoint):
+                checkpoint.unlink()
+
+        distributed.on_rank0(world, clean)
         torch.manual_seed(args.seed)
         model = Ensemble([models.build(args.arch) for _ in range(args.members)]) if args.members else models.build(args.arch)
         model = model.to(device)
@@ -184,10 +240,10 @@ def _cmd_train(args) -> dict:
         result = train(model, train_data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, jr_lambda=lam,
                        jr_target=args.jr_target, jr_mode=args.jr_mode, nproj=args.nproj, seed=args.seed,
                        member_data=args.member_data, checkpoint=checkpoint, progress=True, backend=args.backend)
-        _io.save_model(model, out, arch=args.arch, meta={"jr_lambda": lam, "jr_target": args.jr_target,
-                                                         "history": result.history})
+        distributed.on_rank0(world, lambda: _io.save_model(
+            model, out, arch=args.arch, meta={"jr_lambda": lam, "jr_target": args.jr_target, "history": result.history}))
     metrics = evaluate(model, *test_data, backend=args.backend)
-    return {"model": args.out, "history": result.history, "test": metrics}
+    return {"model": args.out, "history": result.history, "test": metrics} if _first(world) else None
 
 
 def _is_attack_directory(directory: Path) -> bool:
@@ -200,7 +256,7 @@ def _is_attack_directory(directory: Path) -> bool:
     return True
 
 
-def _cmd_attack(args) -> dict:
+def _cmd_attack(args) -> dict | None:
     from fastjac import _io, data
     from fastjac.experiments import save_uap_image, subset
     from fastjac.metrics import evaluate
@@ -208,36 +264,45 @@ def _cmd_attack(args) -> dict:
 
     device = _device(args)
     _check_backend(args, device)
-    out = _io.check_output_directory(args.out, ATTACK_OUTPUTS, _is_attack_directory, force=args.force)
-    model = _io.load_model(args.model)[0].to(device)
+    world = _join(args, device)
+    out = distributed.on_rank0(world, lambda: _io.check_output_directory(args.out, ATTACK_OUTPUTS, _is_attack_directory,
+                                                                         force=args.force))
+    model = distributed.on_rank0(world, lambda: _io.load_model(args.model)[0]).to(device)
     x, y = (t.to(device) for t in subset(*data.load(args.dataset, "train", args.data_root), args.samples, 1))
     test_data = [t.to(device) for t in data.load(args.dataset, "test", args.data_root)]
     batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size]) for i in range(0, x.shape[0], args.batch_size)]
-    out.mkdir(parents=True, exist_ok=True)
-    with _io.output_lock(out):
-        _io.remove_orphans(out)
-        result = sgd_uap(model, batches, eps=args.eps, epochs=args.epochs, target=args.target, progress=True,
-                         backend=args.backend)
-        _io.save_uap(out / "uap.pt", result.delta, result.eps, result.targets, meta={"model": args.model})
-        for k, (delta, eps) in enumerate(zip(result.delta, result.eps)):
-            save_uap_image(delta.unsqueeze(0), [eps], out / f"uap_{k}_eps{eps:g}.png", f"{Path(args.model).name}")
-        metrics = evaluate(model, *test_data, result.delta, backend=args.backend)
+    distributed.on_rank0(world, lambda: out.mkdir(parents=True, exist_ok=True))
+    with _output_lock(world, out):
+        distributed.on_rank0(world, lambda: _io.remove_orphans(out))
+        spread = None if world is None else args.parallel
+        result = sgd_uap(model, batches, eps=args.eps, epochs=args.epochs, target=args.target, progress=_first(world),
+                         backend=args.backend, distributed=spread)
+        metrics = evaluate(model, *test_data, result.delta, backend=args.backend, distributed=spread)
         report = {"model": args.model, "eps": result.eps, "targets": result.targets,
                   "attack_seconds": result.seconds, **metrics}
-        _io.atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))
-    return report
+
+        def write():
+            _io.save_uap(out / "uap.pt", result.delta, result.eps, result.targets, meta={"model": args.model})
+            for k, (delta, eps) in enumerate(zip(result.delta, result.eps)):
+                save_uap_image(delta.unsqueeze(0), [eps], out / f"uap_{k}_eps{eps:g}.png", f"{Path(args.model).name}")
+            _io.atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))
+
+        distributed.on_rank0(world, write)
+    return report if _first(world) else None
 
 
-def _cmd_evaluate(args) -> dict:
+def _cmd_evaluate(args) -> dict | None:
     from fastjac import _io, data
     from fastjac.metrics import evaluate
 
     device = _device(args)
     _check_backend(args, device)
-    model = _io.load_model(args.model)[0].to(device)
-    delta = None if args.uap is None else _io.load_uap(args.uap)["delta"].to(device)
+    world = _join(args, device)
+    model = distributed.on_rank0(world, lambda: _io.load_model(args.model)[0]).to(device)
+    delta = None if args.uap is None else distributed.on_rank0(world, lambda: _io.load_uap(args.uap)["delta"]).to(device)
     x, y = (t.to(device) for t in data.load(args.dataset, "test", args.data_root))
-    return {"model": args.model, **evaluate(model, x, y, delta, backend=args.backend)}
+    metrics = evaluate(model, x, y, delta, backend=args.backend, distributed=None if world is None else args.parallel)
+    return {"model": args.model, **metrics} if _first(world) else None
 
 
 def _cmd_reproduce(args) -> dict:
@@ -265,7 +330,7 @@ def _exit_code(error: BaseException) -> int | None:
     if isinstance(error, (ValueError, TypeError, KeyError, BackendUnavailable, FileNotFoundError, FileExistsError,
                           PermissionError, IsADirectoryError, NotADirectoryError)):
         return EXIT_BAD_INPUT
-    if isinstance(error, (FloatingPointError, _io.OutputInUse, OSError)):
+    if isinstance(error, (FloatingPointError, _io.OutputInUse, OSError, distributed.CommunicationError)):
         return EXIT_FAILED_RUN
     return None
 
@@ -276,36 +341,57 @@ def _one_line(error: BaseException) -> str:
 
 
 def _run(command: str, handler) -> int:
-    """Run ``handler()``; print its report; turn the errors a user can cause into one line and an exit code."""
+    """Run ``handler()``; print its report; turn the errors a user can cause into one line and an exit code.
+    Under torchrun every rank exits with the same code; rank 0 prints (other ranks: their communication errors,
+    which are their own)."""
+    def first() -> bool:
+        world = distributed.current()
+        return world is None or world.is_first
+
     def show(message, category, filename, lineno, file=None, line=None):  # warnings as one line too
-        print(f"fastjac {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        if first():
+            print(f"fastjac {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.showwarning = show
         try:
             report = handler()
         except KeyboardInterrupt:
-            print(f"fastjac {command}: interrupted; resume with the same command", file=sys.stderr)
+            if first():
+                print(f"fastjac {command}: interrupted; resume with the same command", file=sys.stderr)
             return EXIT_INTERRUPTED
         except Exception as error:  # noqa: BLE001 - classified below; anything else is a bug and re-raised
             code = _exit_code(error)
             if code is None:
                 raise
-            print(f"fastjac {command}: error: {_one_line(error)}", file=sys.stderr)
+            if first() or isinstance(error, distributed.CommunicationError):
+                print(f"fastjac {command}: error: {_one_line(error)}", file=sys.stderr)
             return code
     if isinstance(report, int):  # bench returns its own exit code
         return report
-    print(json.dumps(report, indent=2))
+    if report is not None:  # None: a rank other than 0 under torchrun
+        print(json.dumps(report, indent=2))
     return 0
+
+
+SPREAD_COMMANDS = ("train", "attack", "evaluate")  # the commands that run under torchrun
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "bench":
+    command = argv[0] if argv else None
+    if _launched() and command in ("reproduce", "verify", "bench"):
+        print(f"fastjac {command}: error: runs in one process; launch it without torchrun (train, attack and "
+              f"evaluate spread over ranks)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if command == "bench":
         from fastjac.benchmark import main as bench_main
 
         return _run("bench", lambda: bench_main(argv[1:]))
     args = _parser().parse_args(argv)
     handler = {"train": _cmd_train, "attack": _cmd_attack, "evaluate": _cmd_evaluate, "reproduce": _cmd_reproduce,
                "verify": _cmd_verify}[args.command]
-    return _run(args.command, lambda: handler(args))
+    try:
+        return _run(args.command, lambda: handler(args))
+    finally:
+        distributed.shutdown()

@@ -136,7 +136,9 @@ def _generic_penalty(model, x, mode, nproj, target, projections, per_member, sha
 
 def _tangent_penalty(tangents: torch.Tensor, target: str) -> torch.Tensor:
     """The input-space estimate from J_m u [M, P, B, C]: ||J u||^2 averaged over the P*B rows, per member
-    [M], or of J_ens u = mean_m J_m u ([1], target "ensemble")."""
+    [M], or of J_ens u = mean_m J_m u ([1], target "ensemble"); target "rows": the rows, scaled (``_scaled_rows``)."""
+    if target == "rows":
+        return _scaled_rows(tangents, 1.0 / (tangents.shape[1] * tangents.shape[2]))
     if target == "ensemble":
         tangents = tangents.mean(0, keepdim=True)
     return tangents.pow(2).sum(dim=(1, 2, 3)) / (tangents.shape[1] * tangents.shape[2])
@@ -150,10 +152,48 @@ def _tape_penalty(run: engine.Engine, tape, v, scale: float, target: str, batch:
 
 def _cotangent_penalty(g: torch.Tensor, scale: float, target: str) -> torch.Tensor:
     """scale * ||v^T J_m||^2 from the cotangents g [M, P, B, *input], per member [M], or of
-    v^T J_ens = mean_m v^T J_m ([1], target "ensemble")."""
+    v^T J_ens = mean_m v^T J_m ([1], target "ensemble"); target "rows": the rows, scaled (``_scaled_rows``)."""
+    if target == "rows":
+        return _scaled_rows(g, scale)
     if target == "ensemble":
         g = g.mean(0, keepdim=True)
     return scale * g.pow(2).flatten(1).sum(dim=1)
+
+
+def _scaled_rows(rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """Projected rows [M, P, B, ...] (J_m u or v^T J_m) times sqrt(scale) as [M, N]: the internal target
+    "rows" of ``logits_and_rows``, whose squared norms are the penalties."""
+    return rows.flatten(1) * scale ** 0.5
+
+
+def logits_and_rows(model: nn.Module, x: torch.Tensor, *, nproj: int = 1, mode: str = "vjp",
+                    projections: torch.Tensor | None = None, backend: str | None = None, generator=None,
+                    check_values: bool = True):
+    """(member logits [M, B, C], rows [M, N]) of one pass: what the penalty is made of, before the norm.
+
+    rows_m are member m's projected Jacobian rows times sqrt(scale) (the estimator's factor), so that
+    ||rows_m||^2 is its penalty (target "members") and ||mean_m rows_m||^2 the ensemble's (target
+    "ensemble"), with the projections ``penalty_and_logits`` would draw from the same generator. vjp: v^T J_m
+    (N = P*B*D, D the input size); jvp: J_m u (N = P*B*C); mode "exact": the vjp rows of the C basis vectors
+    (nproj = -1: the exact value). For a caller that combines the members itself: ``fastjac.train`` sums
+    them over members held by several ranks (target "ensemble" under torch.distributed).
+    x: [B, *input], shared by the members. Differentiable w.r.t. the parameters.
+    """
+    check_choice(mode, MODES, "mode")
+    if mode == "exact":
+        mode, nproj, projections = "vjp", -1, None
+    check_nproj(nproj, mode)
+    check_values = check_values and not torch.compiler.is_compiling()
+    if check_values:
+        check_inputs(x, "x")
+    if projections is not None:
+        _check_projections(projections, mode, tuple(x.shape), None, check_values)
+    shared_shape = tuple(x.shape)
+    if (fused := fused_view(model)) is not None:
+        graph, state = fused
+        run = engine.Engine(graph, state, backends.resolve(backend, x.device.type))
+        return _fused_penalty(run, x, mode, nproj, "rows", projections, False, shared_shape, generator)
+    return _generic_penalty(model, x, mode, nproj, "rows", projections, False, shared_shape, generator)
 
 
 def _jvp_directions(projections, nproj, shared_shape, generator, x) -> torch.Tensor:

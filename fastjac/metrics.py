@@ -5,18 +5,23 @@ import torch
 from torch import nn
 
 from fastjac._checks import check_inputs, check_int, check_labels, check_model_input, warn_outside_unit_range
-from fastjac.uap import frozen_logits
+from fastjac.distributed import MemberBlock, all_reduce_, resolve, sum_across_ranks
+from fastjac.uap import frozen_logits, frozen_member_logits
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor | None = None, *,
-             chunk_size: int = 1000, backend: str | None = None) -> dict:
+             chunk_size: int = 1000, backend: str | None = None, distributed=None) -> dict:
     """Metrics of ``model`` on (x [N,*input], y [N]) and perturbations ``delta`` ([K,*input] or [*input]).
 
     x, y and delta must be on the model's device and x and delta in its dtype; y must hold labels of the
     model's classes. Returns {"clean_accuracy": float, "uap_accuracy": [K], "evasion_rate": [K]
     (1 - uap accuracy), "fooling_rate": [K] (fraction of predictions that change)}; the lists are empty
     without delta. Memory is bounded by chunk_size * (K + 1) inputs at a time.
+    distributed: under an initialized torch.distributed process group of more than one rank, every rank
+    passes the same arguments and gets the same metrics: "data" (the default there) splits the N samples
+    over the ranks, "members" an Ensemble's members (member-logit sums all-reduced per chunk); False
+    evaluates in this process alone.
     """
     check_inputs(x, "x", values=False)
     check_labels(y, x.shape[0], None, "y", values=False, device=x.device)
@@ -38,9 +43,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Te
     check_labels(y, x.shape[0], classes, "y")  # a label >= C would silently count as a wrong prediction
     low, high = torch.aminmax(x)
     warn_outside_unit_range(float(low), float(high), "x")
+    spread = resolve(distributed, ("data", "members"), "evaluate")
     was_training = model.training
     model.eval()
-    f = frozen_logits(model, backend)
+    n, f = x.shape[0], frozen_logits(model, backend)
+    if spread is not None and spread[1] == "data":
+        share = spread[0].block(n)
+        x, y = x[share.start:share.stop], y[share.start:share.stop]
+    elif spread is not None:
+        block = MemberBlock(model, spread[0], "evaluate")
+        member_logits = frozen_member_logits(block.local, backend)
+        f = lambda rows: sum_across_ranks(member_logits(rows).sum(0)) / block.members  # noqa: E731
     k = 0 if delta is None else delta.shape[0]
     # counts stay on the device until the end: one host sync for the whole evaluation
     clean_correct = torch.zeros((), dtype=torch.long, device=x.device)
@@ -55,8 +68,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Te
             fooled += (prediction[1:] != prediction[0]).sum(dim=1)
     finally:
         model.train(was_training)
-    n = x.shape[0]
-    clean, *counts = torch.cat([clean_correct.unsqueeze(0), uap_correct, fooled]).tolist()
+    counts = torch.cat([clean_correct.unsqueeze(0), uap_correct, fooled])
+    if spread is not None and spread[1] == "data":
+        all_reduce_(counts, "all-reduce of the evaluation counts")
+    clean, *counts = counts.tolist()
     uap_accuracy = [count / n for count in counts[:k]]
     return {"clean_accuracy": clean / n, "uap_accuracy": uap_accuracy,
             "evasion_rate": [1.0 - a for a in uap_accuracy], "fooling_rate": [count / n for count in counts[k:]]}

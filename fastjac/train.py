@@ -9,6 +9,7 @@ device: per-step values stay there, and divergence is checked once per epoch.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -24,8 +25,9 @@ from tqdm.auto import tqdm
 from fastjac import _io, backends
 from fastjac._checks import (check_choice, check_fits_dtype, check_inputs, check_int, check_labels, check_model_input,
                              check_nproj, check_projection_memory, warn_outside_unit_range)
+from fastjac.distributed import MemberBlock, World, all_reduce_, on_rank0, resolve, sum_across_ranks
 from fastjac.ensemble import Ensemble
-from fastjac.jacobian import MODES, TARGETS, penalty_and_logits
+from fastjac.jacobian import MODES, TARGETS, logits_and_rows, penalty_and_logits
 
 MEMBER_DATA = ("shared", "independent")
 MAX_SEED = 2**40  # the generators' seeds, seed * 1_000_003 + epoch, must fit a 64-bit integer
@@ -144,7 +146,8 @@ def _check_arguments(model, x, y, *, epochs, batch_size, lr, jr_target, jr_mode,
 
 def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: float = 1e-3,
           jr_lambda=0.0, jr_target: str = "members", jr_mode: str = "vjp", nproj: int = 1, seed: int = 0,
-          checkpoint=None, progress: bool = True, member_data: str = "shared", backend: str | None = None) -> TrainResult:
+          checkpoint=None, progress: bool = True, member_data: str = "shared", backend: str | None = None,
+          distributed=None) -> TrainResult:
     """Train ``model`` (an nn.Module or an Ensemble) in place with Adam on ``data = (x [N,*input], y [N])``.
 
     x and y must be on the model's device, x in the model's dtype and in [0, 1] (a warning otherwise).
@@ -154,6 +157,11 @@ def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: flo
         shuffle, as separately trained models would).
     checkpoint: a file path; written atomically after every epoch, and resumed from when it exists (with the
         same settings; more epochs continue with a warning, fewer are refused).
+    distributed: None (default) spreads the members of an Ensemble over the ranks of an initialized
+        torch.distributed process group of more than one rank (``torchrun`` + ``fastjac.distributed.init()``),
+        "members" asks for that explicitly, False trains in this process alone even then. Every rank passes
+        the same arguments and the whole model, and gets the whole trained ensemble back, equal to the
+        single-process result; rank 0 alone reads and writes the checkpoint (``fastjac.distributed``).
     A run whose loss or parameters stop being finite raises FloatingPointError at the end of that epoch,
     before any checkpoint of the bad state is written (checked once per epoch: no host sync per step).
     Returns a TrainResult with the per-epoch history.
@@ -175,70 +183,147 @@ def train(model: nn.Module, data, *, epochs: int, batch_size: int = 128, lr: flo
     config = _config(batch_size=batch_size, lr=lr, jr_lambda=lambdas.tolist(), jr_target=jr_target, jr_mode=jr_mode,
                      nproj=nproj, seed=seed, member_data=member_data, members=members, samples=int(x.shape[0]),
                      model=_model_signature(model))
+    spread = resolve(distributed, ("members",), "train")
+    world: World | None = None if spread is None else spread[0]
+    block = None if world is None else MemberBlock(model, world, "train")
+    trained = model if block is None else block.local  # what this process runs and steps
 
-    optimizer = make_optimizer(model.parameters(), lr)
+    optimizer = make_optimizer(trained.parameters(), lr)
     result = TrainResult(model)
     start_epoch = 0
-    if checkpoint is not None and Path(checkpoint).exists():
-        state = _load_checkpoint(checkpoint, config, epochs)
+    state = on_rank0(world, lambda: _load_checkpoint(checkpoint, config, epochs)
+                     if checkpoint is not None and Path(checkpoint).exists() else None)
+    if state is not None:
         try:
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:
+            optimizer_state = state["optimizer"]
+            if block is not None:
+                block.local.load_state_dict(block.take_state(state["model"]))
+                optimizer_state = block.take_optimizer_state(optimizer_state)
+            optimizer.load_state_dict(optimizer_state)
+        except (RuntimeError, ValueError, KeyError, IndexError) as error:
             raise ValueError(f"checkpoint {checkpoint} does not fit this model: {str(error).splitlines()[0]}") from None
         result.history, start_epoch = list(state["history"]), state["epoch"]
 
-    model.train()
+    trained.train()
     lambdas = lambdas.to(device=x.device, dtype=x.dtype)
-    parameters = list(model.parameters())
+    if block is not None and jr_target == "members":
+        lambdas = block.take(lambdas)
+    settings = dict(regularized=regularized, nproj=nproj, mode=jr_mode, target=jr_target, backend=backend)
+    make_step = _step  # target "ensemble" over ranks: the members' sums cross the ranks every step
+    if block is not None and jr_target == "ensemble":
+        make_step = functools.partial(_spread_ensemble_step, members=members)
+    parameters = list(trained.parameters())
+    show = progress and (world is None or world.is_first)
+    # penalty totals sum over the members (target "members"): their mean divides by M
+    penalty_count = members if is_ensemble and jr_target == "members" else 1
     for epoch in range(start_epoch, epochs):
         generator = epoch_generator(seed, epoch)
         orders = [torch.randperm(x.shape[0], generator=generator).to(x.device)
                   for _ in range(members if member_data == "independent" else 1)]
-        projections = projection_generator(seed, epoch, x.device)
+        if block is not None and member_data == "independent":
+            orders = orders[block.indices.start:block.indices.stop]
+        step = make_step(trained, lambdas, generator=projection_generator(seed, epoch, x.device), **settings)
         started, steps = time.perf_counter(), 0
         totals = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss, ce, penalty: summed on the device
         batches = range(0, x.shape[0], batch_size)
-        for offset in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False):
+        per_member = member_data == "independent"
+        for offset in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=None if show else True, leave=False):
             index = torch.stack([order[offset:offset + batch_size] for order in orders])
-            per_member = member_data == "independent"
             batch_x = x[index] if per_member else x[index[0]]
             batch_y = y[index] if per_member else y[index[0]]
-            if regularized:
-                logits, penalty = penalty_and_logits(model, batch_x, nproj=nproj, mode=jr_mode, target=jr_target,
-                                                     backend=backend, per_member=per_member, generator=projections,
-                                                     check_values=False)  # the whole data set was checked above
-            else:
-                logits = model.member_logits(batch_x, per_member=per_member, backend=backend) if is_ensemble \
-                    else model(batch_x).unsqueeze(0)
-                penalty = logits.new_zeros(lambdas.shape)
-            if jr_target == "ensemble" or not is_ensemble:
-                ce = F.cross_entropy(logits.mean(0), batch_y)
-            else:  # each member its own CE: the sum over members is M independent objectives
-                labels = batch_y if per_member else batch_y.unsqueeze(0).expand(members, -1)
-                ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / batch_y.shape[-1]
-            loss = ce + (lambdas * penalty).sum() / 2
+            loss, ce, penalty = step(batch_x, batch_y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            totals += torch.stack([loss.detach(), ce.detach(), penalty.detach().mean()]).to(totals.dtype)
+            totals += torch.stack([loss.detach(), ce.detach(), penalty.detach()]).to(totals.dtype)
             steps += 1
-        # one host sync per epoch: the means, and whether the loss and every parameter stayed finite
+        # one host sync per epoch (and one all-reduce across ranks): the sums, and whether the loss and every
+        # parameter stayed finite
         finite = torch.stack([torch.isfinite(p).all() for p in parameters] + [torch.isfinite(totals).all()]).all()
-        *means, ok = torch.cat([totals / max(steps, 1), finite.to(totals.dtype).unsqueeze(0)]).tolist()
-        if not ok:
+        sums = torch.cat([totals, (~finite).to(totals.dtype).unsqueeze(0)])
+        if world is not None:
+            sums = _sum_epoch(sums, world, replicated=jr_target == "ensemble", epoch=epoch)
+        loss_sum, ce_sum, penalty_sum, not_finite = sums.tolist()
+        if not_finite:
             raise FloatingPointError(
                 f"training diverged in epoch {epoch + 1}: the loss or the parameters are no longer finite (NaN or "
                 f"inf); lower lr (now {lr:g}) or jr_lambda. Nothing of this epoch was saved")
-        loss_mean, ce_mean, penalty_mean = means
+        steps = max(steps, 1)
+        loss_mean, ce_mean, penalty_mean = loss_sum / steps, ce_sum / steps, penalty_sum / (steps * penalty_count)
         result.history.append({"epoch": epoch + 1, "loss": loss_mean, "ce": ce_mean, "penalty": penalty_mean,
                                "seconds": time.perf_counter() - started})
-        if progress:
+        if show:
             tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {loss_mean:.4f} ce {ce_mean:.4f} "
                        f"penalty {penalty_mean:.4g} ({result.history[-1]['seconds']:.1f}s)", file=sys.stderr)
         if checkpoint is not None:
-            _io.atomic_save({"format": _io.CHECKPOINT_FORMAT, "epoch": epoch + 1, "epochs": epochs,
-                             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
-                             "history": result.history}, checkpoint)
+            model_state, optimizer_state = trained.state_dict(), optimizer.state_dict()
+            if block is not None:
+                model_state, optimizer_state = block.full_states(model_state, optimizer_state)
+            record = {"format": _io.CHECKPOINT_FORMAT, "epoch": epoch + 1, "epochs": epochs, "model": model_state,
+                      "optimizer": optimizer_state, "config": config, "history": result.history}
+            on_rank0(world, lambda: _io.atomic_save(record, checkpoint))
+    if block is not None:
+        block.write_back()
     model.eval()
     return result
+
+
+def _step(model: nn.Module, lambdas: torch.Tensor, *, regularized: bool, nproj: int, mode: str, target: str,
+          backend, generator):
+    """The training step's loss of ``model`` (this process's whole model or member block) on one batch: a
+    function of (batch x [B, *input] or [M, B, *input] per member, y [B] or [M, B]) -> (loss, CE, the penalty
+    summed over the members)."""
+    is_ensemble = isinstance(model, Ensemble)
+
+    def step(batch_x, batch_y):
+        per_member = batch_y.dim() == 2
+        if regularized:
+            logits, penalty = penalty_and_logits(model, batch_x, nproj=nproj, mode=mode, target=target,
+                                                 backend=backend, per_member=per_member, generator=generator,
+                                                 check_values=False)  # the whole data set was checked above
+        else:
+            logits = model.member_logits(batch_x, per_member=per_member, backend=backend) if is_ensemble \
+                else model(batch_x).unsqueeze(0)
+            penalty = logits.new_zeros(lambdas.shape)
+        if target == "ensemble" or not is_ensemble:
+            ce = F.cross_entropy(logits.mean(0), batch_y)
+        else:  # each member its own CE: the sum over members is M independent objectives
+            labels = batch_y if per_member else batch_y.unsqueeze(0).expand(logits.shape[0], -1)
+            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / batch_y.shape[-1]
+        return ce + (lambdas * penalty).sum() / 2, ce, penalty.sum()
+
+    return step
+
+
+def _spread_ensemble_step(model: Ensemble, lambdas: torch.Tensor, *, members: int, regularized: bool, nproj: int,
+                          mode: str, target: str, backend, generator):
+    """``_step`` for target "ensemble" with the ``members`` spread over the ranks (``model``: this rank's
+    block): CE(mean_m f_m) and ||mean_m r_m||^2 need every member, so each step all-reduces this rank's sums
+    of the member logits and of the penalty rows r_m (``logits_and_rows``: v^T J_m or J_m u, drawn with the
+    same projections on every rank). Every rank then computes the same loss; its gradient reaches this rank's
+    members through the sums (``sum_across_ranks``: nothing to communicate in the backward)."""
+
+    def step(batch_x, batch_y):
+        if regularized:
+            logits, rows = logits_and_rows(model, batch_x, nproj=nproj, mode=mode, backend=backend,
+                                           generator=generator, check_values=False)
+            partial = torch.cat([logits.sum(0).flatten(), rows.sum(0)])
+        else:
+            logits = model.member_logits(batch_x, backend=backend)
+            partial = logits.sum(0).flatten()
+        sums = sum_across_ranks(partial, "all-reduce of the member sums (target 'ensemble')") / members
+        outputs = logits[0].numel()
+        ce = F.cross_entropy(sums[:outputs].view_as(logits[0]), batch_y)
+        penalty = sums[outputs:].pow(2).sum() if regularized else sums.new_zeros(())
+        return ce + (lambdas * penalty).sum() / 2, ce, penalty
+
+    return step
+
+
+def _sum_epoch(sums: torch.Tensor, world: World, *, replicated: bool, epoch: int) -> torch.Tensor:
+    """An epoch's [loss, CE, penalty, not-finite] sums over the ranks. Replicated losses (target "ensemble":
+    every rank computed the same ones) count once, from rank 0; the not-finite flags always add up."""
+    if replicated and not world.is_first:
+        sums = torch.cat([torch.zeros_like(sums[:-1]), sums[-1:]])
+    return all_reduce_(sums.contiguous(), f"the end of epoch {epoch + 1}'s all-reduce")

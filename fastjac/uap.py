@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from fastjac import backends, engine
 from fastjac._checks import (check_eps, check_inputs, check_int, check_labels, check_model_input,
                              warn_outside_unit_range)
-from fastjac.ensemble import fused_view, largest_activation
+from fastjac.distributed import MemberBlock, all_reduce_, resolve, sum_across_ranks
+from fastjac.ensemble import Ensemble, fused_view, largest_activation
 from fastjac.ops import uap_step
 
 
@@ -45,24 +46,39 @@ def _frozen_engine(model: nn.Module, backend: str | None):
     return engine.Engine(layers, params, backends.resolve(backend, next(iter(params.values())).device.type))
 
 
+def frozen_member_logits(model: nn.Module, backend: str | None = None):
+    """f(x [N, *input]) -> member logits [M, N, C] (a single module: M = 1) with the parameters frozen."""
+    run = _frozen_engine(model, backend)
+    if run is not None:
+        return lambda x: run.forward(x)[0]
+    # generic path: autograd.grad w.r.t. the input alone skips ATen's weight gradients
+    if isinstance(model, Ensemble):
+        return model.member_logits
+    return lambda x: model(x).unsqueeze(0)
+
+
 def frozen_logits(model: nn.Module, backend: str | None = None):
     """f(x [N, *input]) -> output [N, C] (an Ensemble: mean logits) with the parameters frozen."""
+    f = frozen_member_logits(model, backend)
+    return lambda x: f(x).mean(0)
+
+
+def perturbed_member_logits(model: nn.Module, backend: str | None = None):
+    """f(x [B, *input], delta [K, *input]) -> member logits [M, K*B, C] on clamp(x + delta_k, 0, 1) (row
+    k*B + b), parameters frozen. The Triton backend forms the perturbation inside the first layer's load."""
     run = _frozen_engine(model, backend)
-    if run is None:  # generic path: autograd.grad w.r.t. the input alone skips ATen's weight gradients
-        return model
-    return lambda x: run.forward(x)[0].mean(0)
+    if run is not None and run.backend.perturbed_linear is not None:
+        return run.forward_perturbed
+    chosen = run.backend if run is not None else backends.resolve(backend, next(model.parameters()).device.type)
+    f = frozen_member_logits(model, backend)
+    return lambda x, delta: f(uap_step.perturb(x, delta, chosen.perturb).flatten(0, 1))
 
 
 def perturbed_logits(model: nn.Module, backend: str | None = None):
-    """f(x [B, *input], delta [K, *input]) -> output [K*B, C] on clamp(x + delta_k, 0, 1) (row k*B + b),
-    parameters frozen. The Triton backend forms the perturbation inside the first layer's load."""
-    run = _frozen_engine(model, backend)
-    if run is not None and run.backend.perturbed_linear is not None:
-        return lambda x, delta: run.forward_perturbed(x, delta).mean(0)
-    chosen = run.backend if run is not None else backends.resolve(backend, next(model.parameters()).device.type)
-    launchers = chosen.perturb
-    f = model if run is None else (lambda rows: run.forward(rows)[0].mean(0))
-    return lambda x, delta: f(uap_step.perturb(x, delta, launchers).flatten(0, 1))
+    """f(x [B, *input], delta [K, *input]) -> output [K*B, C] (an Ensemble: mean logits) on
+    clamp(x + delta_k, 0, 1) (row k*B + b), parameters frozen."""
+    f = perturbed_member_logits(model, backend)
+    return lambda x, delta: f(x, delta).mean(0)
 
 
 # Per pass, the K*B perturbed rows of the largest layer output should stay within the CPU's last-level
@@ -143,7 +159,7 @@ def _check_batches(model: nn.Module, batches, targets: list) -> tuple[int, int]:
 
 
 def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 12.0, step_decay: float = 0.8,
-            target=None, backend: str | None = None, progress: bool = False) -> UAPResult:
+            target=None, backend: str | None = None, progress: bool = False, distributed=None) -> UAPResult:
     """Fit K = len(eps) (or len(target)) universal perturbations at once.
 
     Args:
@@ -153,6 +169,11 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
         eps: a float or a list of floats in (0, 1]: the L-inf radius of each perturbation.
         target: None (untargeted), a class index, or a list (None entries allowed) broadcast with eps.
         beta: CE clamp; step_decay: step = eps * step_decay.
+        distributed: under an initialized torch.distributed process group of more than one rank, every rank
+            passes the same model and batches and gets the same perturbations, equal to the single-process
+            ones. "data" (the default there) splits each batch's rows over the ranks; "members" splits an
+            Ensemble's members (the member-logit sums are all-reduced forward, the gradients backward);
+            False attacks in this process alone.
     Returns a UAPResult: ``delta`` [K, *input] and the per-batch losses.
     """
     eps, targets = _broadcast(check_eps(eps), target)
@@ -160,10 +181,15 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
     if not beta > 0 or not 0 < step_decay:
         raise ValueError(f"beta and step_decay must be > 0, got beta={beta!r}, step_decay={step_decay!r}")
     chosen = backends.resolve(backend, next(model.parameters()).device.type)
+    spread = resolve(distributed, ("data", "members"), "sgd_uap")
     count, _ = _check_batches(model, batches, targets)
     was_training = model.training
     model.eval()
-    f = perturbed_logits(model, backend)
+    attacked, f = model, perturbed_logits(model, backend)
+    if spread is not None and spread[1] == "members":
+        block = MemberBlock(model, spread[0], "sgd_uap")
+        attacked, member_logits = block.local, perturbed_member_logits(block.local, backend)
+        f = lambda x, delta: sum_across_ranks(member_logits(x, delta).sum(0)) / block.members  # noqa: E731
     delta, result, started = None, None, time.perf_counter()
     try:
         for epoch in range(epochs):
@@ -171,23 +197,16 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
             for x, y in tqdm(batches, desc=f"SGD-UAP epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False):
                 if delta is None:
                     delta = x.new_zeros(len(eps), *x.shape[1:])
-                    per_pass = perturbations_per_pass(model, x, len(eps))
                     eps_t = torch.tensor(eps, dtype=x.dtype, device=x.device)
                     step_t = eps_t * step_decay
                     result = UAPResult(delta, eps, targets)
                     # a targeted attack descends the CE toward its class: the loss is negated
                     signs = torch.tensor([1.0 if t is None else -1.0 for t in targets], dtype=x.dtype, device=x.device)
-                labels = torch.stack([y if t is None else torch.full_like(y, t) for t in targets])  # [K, B]
-                grads, losses = [], []
-                for part in (slice(start, start + per_pass) for start in range(0, len(eps), per_pass)):
-                    trial = delta[part].detach().requires_grad_(True)
-                    logits = f(x, trial)  # [k*B, C]
-                    ce = F.cross_entropy(logits, labels[part].flatten(), reduction="none").view(trial.shape[0], -1)
-                    part_losses = signs[part] * ce.clamp(max=beta).mean(dim=1)  # each delta_k sees its own term
-                    grads.append(torch.autograd.grad(part_losses.sum(), trial)[0])
-                    losses.append(part_losses.detach())
-                delta = uap_step.sign_step(delta, torch.cat(grads), step_t, eps_t, chosen.sign_step)
-                result.losses.append(torch.cat(losses))  # kept on the device: no sync per batch
+                    gradients = _gradient_function(f, spread, targets=targets, signs=signs, beta=beta,
+                                                   per_pass=perturbations_per_pass(attacked, x, len(eps)))
+                grads, losses = gradients(x, y, delta)
+                delta = uap_step.sign_step(delta, grads, step_t, eps_t, chosen.sign_step)
+                result.losses.append(losses)  # kept on the device: no sync per batch
                 seen += 1
             if seen != count:
                 raise ValueError(f"batches yielded {count} batches when checked but {seen} in epoch {epoch + 1}: "
@@ -197,3 +216,45 @@ def sgd_uap(model: nn.Module, batches, *, eps, epochs: int = 10, beta: float = 1
     result.delta, result.seconds = delta, time.perf_counter() - started
     result.losses = torch.stack(result.losses).tolist()
     return result
+
+
+def _gradient_function(f, spread, *, targets: list, signs: torch.Tensor, beta: float, per_pass: int):
+    """(x [B, *input], y [B], delta [K, *input]) -> (d loss / d delta [K, *input], losses [K]) of one batch,
+    loss_k = sign_k * mean over the B rows of min(CE(f(clamp(x + delta_k, 0, 1)), label_k), beta). Under
+    torch.distributed (``spread``: (world, mode)) every rank returns the same whole-batch values: "data"
+    computes this rank's share of the rows and all-reduces the sums; "members" has ``f`` all-reduce the
+    member-logit sums and all-reduces the gradient contributions of this rank's members."""
+
+    def batch_sums(x, y, delta, rows: int):
+        """Of ``rows`` rows of a batch, the part from these rows x, y: in passes of ``per_pass`` perturbations."""
+        labels = torch.stack([y if t is None else torch.full_like(y, t) for t in targets])  # [K, b]
+        grads, losses = [], []
+        for part in (slice(start, start + per_pass) for start in range(0, len(targets), per_pass)):
+            trial = delta[part].detach().requires_grad_(True)
+            logits = f(x, trial)  # [k*b, C]
+            ce = F.cross_entropy(logits, labels[part].flatten(), reduction="none").view(trial.shape[0], -1)
+            part_losses = signs[part] * ce.clamp(max=beta).sum(dim=1) / rows  # each delta_k sees its own term
+            grads.append(torch.autograd.grad(part_losses.sum(), trial)[0])
+            losses.append(part_losses.detach())
+        return torch.cat(grads), torch.cat(losses)
+
+    if spread is None:
+        return lambda x, y, delta: batch_sums(x, y, delta, x.shape[0])
+    world, mode = spread
+    if mode == "members":
+        def members(x, y, delta):
+            grads, losses = batch_sums(x, y, delta, x.shape[0])
+            return all_reduce_(grads, "all-reduce of the perturbation gradients"), losses  # losses: replicated
+
+        return members
+
+    def data(x, y, delta):
+        share = world.block(x.shape[0])  # empty on the last ranks when the batch has fewer rows than ranks
+        if len(share):
+            grads, losses = batch_sums(x[share.start:share.stop], y[share.start:share.stop], delta, x.shape[0])
+        else:
+            grads, losses = torch.zeros_like(delta), delta.new_zeros(len(targets))
+        both = all_reduce_(torch.cat([grads.flatten(), losses]), "all-reduce of the perturbation gradients")
+        return both[:delta.numel()].view_as(delta), both[delta.numel():]
+
+    return data

@@ -7,6 +7,8 @@ each), ``chain_penalty`` returns what a JR training step needs, in one forward:
     penalty [M] (target "members") or [1] (target "ensemble": J_ens = mean_m J_m)
         vjp: scale * ||v^T J_m||^2 summed over rows, v [P, B, C] (the cotangent chain, run transposed)
         jvp: scale * ||J_m u||^2 summed over rows,   u [P, B, IN] (tangent rows next to the primal rows)
+    or, target "rows", the rows themselves times sqrt(scale), [M, P*B*IN] (vjp) or [M, P*B*C] (jvp): for a
+    caller that combines the members itself (``fastjac.distributed``: J_ens over members on several ranks)
 
 and every parameter gradient by hand in backward, with the fewest products and no autograd graph:
 
@@ -44,7 +46,7 @@ _relu_backward_out = torch.ops.aten.threshold_backward.grad_input
 @dataclass(frozen=True)
 class ChainSpec:
     mode: str                 # "vjp" | "jvp"
-    target: str               # "members" | "ensemble"
+    target: str               # "members" | "ensemble" | "rows"
     relus: tuple              # per layer: a ReLU follows
     biases: tuple             # per layer: the layer has a bias
     scale: float              # the estimator's factor (vjp: C / (P*B), or 1/B for the exact basis; jvp: 1/(P*B))
@@ -128,6 +130,25 @@ def _squared_norms(rows: torch.Tensor, target: str) -> tuple[torch.Tensor, torch
     if target == "ensemble":
         rows = rows.mean(0, keepdim=True)
     return rows.pow(2).flatten(1).sum(1), rows
+
+
+def _penalty_output(rows: torch.Tensor, spec: ChainSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ChainPenalty's second output from the projected rows [M, ...] (v^T J_m or J_m u), and what its
+    backward keeps: scale * the squared norms (per member, or of the member mean) and the tensor squared;
+    or, target "rows", the rows times sqrt(scale) as [M, N] and nothing."""
+    if spec.target == "rows":
+        return rows.flatten(1) * spec.scale ** 0.5, None
+    penalty, squared = _squared_norms(rows, spec.target)
+    return spec.scale * penalty, squared
+
+
+def _rows_gradient(spec: ChainSpec, grad_output: torch.Tensor, squared: torch.Tensor | None, shape) -> torch.Tensor:
+    """d loss / d rows, shaped ``shape`` ([M, ...]), from the gradient of ``_penalty_output``'s output."""
+    if spec.target == "rows":
+        return (grad_output * spec.scale ** 0.5).view(shape)
+    # d penalty / d squared rows; the ensemble target's mean spreads it evenly over the members
+    factor = 2.0 * spec.scale / (shape[0] if spec.target == "ensemble" else 1)
+    return ((factor * grad_output.view(-1, *([1] * (squared.dim() - 1)))) * squared).expand(shape)
 
 
 def _forward_layers(ops, h, weights, biases, relus, batch: int, streams: int):
@@ -307,19 +328,18 @@ class ChainPenalty(torch.autograd.Function):
         inputs, h = _forward_layers(ops, h, weights, biases, spec.relus, batch, streams)
         out = h.view(members, streams, batch, -1)
         logits = out[:, 0]
+        ctx.spec, ctx.layers, ctx.nproj = spec, len(weights), projections.shape[0]
         if spec.mode == "jvp":
-            penalty, squared = _squared_norms(out[:, 1:], spec.target)
+            penalty, squared = _penalty_output(out[:, 1:], spec)
             ctx.save_for_backward(*inputs, h, squared, *weights)
-            ctx.spec, ctx.layers = spec, len(weights)
-            return logits, spec.scale * penalty
+            return logits, penalty
         # vjp: the cotangent chain v -> v^T J_m, masks from the primal post-activations
         rows = projections.shape[0] * batch
         c = projections.reshape(1, rows, -1).expand(members, -1, -1)
         c, masked = _cotangent_chain(ops, c, inputs, h, weights, spec.relus, projections.shape[0])
-        penalty, squared = _squared_norms(c, spec.target)
+        penalty, squared = _penalty_output(c, spec)
         ctx.save_for_backward(*inputs, h, squared, *masked, *weights)
-        ctx.spec, ctx.layers = spec, len(weights)
-        return logits, spec.scale * penalty
+        return logits, penalty
 
     @staticmethod
     def backward(ctx, grad_logits, grad_penalty):
@@ -329,20 +349,17 @@ class ChainPenalty(torch.autograd.Function):
         inputs, output, squared = saved[:layers], saved[layers], saved[layers + 1]
         weights = saved[-layers:]
         members, batch = grad_logits.shape[:2]
-        # d penalty / d squared rows; the ensemble target's mean spreads it evenly over the members
-        factor = 2.0 * spec.scale / (members if spec.target == "ensemble" else 1)
-        grad_squared = (factor * grad_penalty.view(-1, *([1] * (squared.dim() - 1)))) * squared
         grad_weights = [None] * layers
         if spec.mode == "vjp":
             masked = saved[layers + 2:layers + 2 + layers]
-            grad_c = grad_squared.expand(members, *squared.shape[1:])  # d penalty / d (v^T J_m)
-            _cotangent_chain_backward(ops, grad_c, masked, inputs, weights, spec.relus, squared.shape[1] // batch,
-                                      grad_weights)
-            grad_z, streams = grad_logits, 1
+            # d loss / d (v^T J_m) [M, P*B, IN]
+            grad_c = _rows_gradient(spec, grad_penalty, squared, (members, ctx.nproj * batch, inputs[0].shape[-1]))
+            _cotangent_chain_backward(ops, grad_c, masked, inputs, weights, spec.relus, ctx.nproj, grad_weights)
+            grad_z, streams = grad_logits.contiguous(), 1  # a sum's gradient is an expanded (stride-0) view
         else:
-            streams = squared.shape[1] + 1
-            grad_z = torch.cat([grad_logits.unsqueeze(1), grad_squared.expand(members, *squared.shape[1:])], 1)
-            grad_z = grad_z.view(members, streams * batch, -1)
+            streams = ctx.nproj + 1
+            grad_rows = _rows_gradient(spec, grad_penalty, squared, (members, ctx.nproj, batch, output.shape[-1]))
+            grad_z = torch.cat([grad_logits.unsqueeze(1), grad_rows], 1).view(members, streams * batch, -1)
         grad_biases, _ = _backward_layers(ops, grad_z, inputs, output, weights, spec.relus, spec.biases, batch,
                                           streams, grad_weights)
         return (None, None, None, *_join(grad_weights, grad_biases, spec.biases))
@@ -367,7 +384,8 @@ def _join(weights, biases, has_bias):
 
 
 def chain_penalty(spec: ChainSpec, x: torch.Tensor, projections: torch.Tensor, weights, biases):
-    """(logits [M, B, C], penalty [M] or [1]) of the stacked chain; see the module docstring.
+    """(logits [M, B, C], penalty [M] or [1], or the scaled rows [M, N] for target "rows") of the stacked
+    chain; see the module docstring.
 
     x: [B, IN] shared by the members or [M, B, IN]; projections: v [P, B, C] (vjp) or u [P, B, IN] (jvp).
     Differentiable w.r.t. the weights and biases only.
