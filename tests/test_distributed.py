@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import fastjac
-from fastjac import Ensemble, distributed, models
+from fastjac import Ensemble, backends, distributed, models
 from fastjac.jacobian import logits_and_rows, penalty_and_logits
 from fastjac.train import make_optimizer
 from tests.helpers import needs_backend
@@ -266,7 +266,7 @@ def test_chain_rows_function_gradcheck():
     x = torch.rand(5, 3, dtype=torch.float64) + 0.1  # away from ReLU kinks at these sizes
     for mode, projections in (("vjp", torch.randn(2, 5, 3, dtype=torch.float64)),
                               ("jvp", torch.randn(2, 5, 3, dtype=torch.float64))):
-        spec = linear_chain.ChainSpec(mode, "rows", (True, False), (True, False), 0.3, "torch")
+        spec = linear_chain.ChainSpec(mode, "rows", (True, False), (True, False), 0.3, backends.get("torch"))
         assert torch.autograd.gradcheck(
             lambda w0, b0, w1: linear_chain.chain_penalty(spec, x, projections, [w0, w1], [b0, None]),
             (weights[0], biases[0], weights[1]))
