@@ -69,10 +69,10 @@ step tests "$LIMIT_TESTS" "$PYTHON" -m pytest "${pytest_args[@]}"
 # --- every available backend (triton compiled, not interpreted) against the float64 CPU reference
 step verify "$LIMIT_VERIFY" "$PYTHON" -m fastjac verify --device cuda
 
-# --- benchmarks: MLP, LeNet and the ResNet when the registry has it (M = 5, the targets)
+# --- benchmarks and their targets: MLP, LeNet and the ResNet when the registry has it (M = 5)
 archs=$("$PYTHON" -c "import fastjac.models as m; print(' '.join('--arch ' + a for a in ('mlp', 'lenet', 'resnet') if a in m.ARCHITECTURES))")
 # shellcheck disable=SC2086  # $archs is a list of flags
-step bench "$LIMIT_BENCH" "$PYTHON" -m fastjac bench --device cuda --quick --no-variance --members 5 $archs \
+step bench "$LIMIT_BENCH" "$PYTHON" -m bench.targets --device cuda --quick --members 5 $archs \
     --out "$RUN_DIR/bench.md"
 
 # --- the quick study on the GPU (resumable: a later run continues where this one stopped)
