@@ -723,21 +723,28 @@ class BatchNorm(Layer):
         x = channel_streams(h, layout, streams, members)  # [S, B, M, C, L]
         features = tuple(h.shape[1 if layout == "shared" else 2:])
         if not keep:  # the primal rows alone, on ATen's batch_norm
-            running_mean, running_var, _ = self._running(run)
-            if self.batch_statistics:
-                with torch.no_grad():
-                    mean, var, _ = batch_norm_op.moments(x[0])
-                    self._update(run, mean, var, batch * x.shape[-1])
-                running_mean = running_var = None
+            running_mean, running_var, tracked = self._running(run)
+            momentum = 0.0
+            if self.batch_statistics and running_mean is not None:  # train mode: the running statistics move
+                if self.momentum is None:  # the cumulative average: its factor comes from num_batches_tracked
+                    with torch.no_grad():
+                        mean, var, _ = batch_norm_op.moments(x[0])
+                        self._update(run, mean, var, batch * x.shape[-1])
+                    running_mean = running_var = None
+                else:  # ATen's batch_norm updates them in place (views of the stacked buffers), as nn.BatchNorm*d
+                    # does, without a separate pass for the moments
+                    momentum = self.momentum
+                    if tracked is not None:
+                        tracked.add_(1)
             if layout == "members":  # each member's contiguous slice
                 parts = zip(h.unbind(0), *(_unbind(t, members) for t in (running_mean, running_var, gamma, beta)))
-                out = torch.stack([F.batch_norm(h_m, mean_m, var_m, gamma_m, beta_m, self.batch_statistics, 0.0,
+                out = torch.stack([F.batch_norm(h_m, mean_m, var_m, gamma_m, beta_m, self.batch_statistics, momentum,
                                                 self.eps) for h_m, mean_m, var_m, gamma_m, beta_m in parts])
                 return out, "members", None
             flat = x[0].reshape(batch, -1, x.shape[-1])  # [B, M*C, L]: every member's channels side by side
-            out = F.batch_norm(flat, *(None if t is None else t.reshape(-1) for t in (running_mean, running_var)),
+            out = F.batch_norm(flat, *(None if t is None else t.view(-1) for t in (running_mean, running_var)),
                                *(None if t is None else t.reshape(-1) for t in (gamma, beta)),
-                               self.batch_statistics, 0.0, self.eps)
+                               self.batch_statistics, momentum, self.eps)
             return from_channel_streams(out.view(1, *x.shape[1:]), layout, features) + (None,)
         gamma3 = None if gamma is None else gamma.view(members, -1, 1)
         beta3 = None if beta is None else beta.view(members, -1, 1)
