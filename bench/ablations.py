@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from fastjac import backends, benchmark, uap
+from fastjac import backends, benchmark, ensemble
 
 
 @contextmanager
@@ -74,7 +74,7 @@ def uap_passes() -> None:
         for k in (1, 4):
             spec = benchmark.CaseSpec("uap", arch=arch, members=5, k=k, backend="auto")
             steps[f"{arch} K={k} cache-sized"] = benchmark.build(spec)
-            steps[f"{arch} K={k} one pass"] = switched_off(benchmark.build(spec), uap, "CPU_PASS_BYTES", 2**62)
+            steps[f"{arch} K={k} one pass"] = switched_off(benchmark.build(spec), ensemble, "CPU_PASS_BYTES", 2**62)
         ms = report(steps, repeats=10 if arch == "lenet" else 30)
         for way in ("cache-sized", "one pass"):
             print(f"  {arch} {way}: K=4 / K=1 {ms[f'{arch} K=4 {way}'] / ms[f'{arch} K=1 {way}']:.2f}")

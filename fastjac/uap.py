@@ -9,7 +9,6 @@ the only gradient formed is w.r.t. delta; each perturbation takes its own step
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ from fastjac import backends, engine
 from fastjac._checks import (check_eps, check_inputs, check_int, check_labels, check_model_input,
                              warn_outside_unit_range)
 from fastjac.distributed import MemberBlock, all_reduce_, resolve, sum_across_ranks
-from fastjac.ensemble import Ensemble, fused_view, largest_activation
+from fastjac.ensemble import Ensemble, fused_view, rows_per_cpu_pass
 from fastjac.ops import uap_step
 
 
@@ -81,30 +80,14 @@ def perturbed_logits(model: nn.Module, backend: str | None = None):
     return lambda x, delta: f(x, delta).mean(0)
 
 
-# Per pass, the K*B perturbed rows of the largest layer output should stay within the CPU's last-level
-# cache: LeNet (M = 5, B = 128) measured K = 4 in one pass at 5.0x the time of K = 1 (its 512-row
-# first-conv output is 35 MiB), in four passes of one perturbation at 3.4x; an MLP is fastest in one
-# pass (K = 8: 6.6x K = 1, against 7.1x in passes of two). 12 MiB: this machine has a 32 MiB L3.
-CPU_PASS_BYTES = 12 * 2**20
-
-
 def perturbations_per_pass(model: nn.Module, x: torch.Tensor, count: int) -> int:
     """How many of the ``count`` perturbations of batch ``x`` go through the model in one pass: all of them
-    on a GPU; on the CPU as many as keep the largest layer output within ``CPU_PASS_BYTES``, at least one."""
+    on a GPU; on the CPU as many as keep the largest layer output within ``ensemble.CPU_PASS_BYTES``, at
+    least one."""
     if x.device.type != "cpu" or count == 1:
         return count
-    key = tuple(x.shape[1:])
-    sizes = _largest_activations.setdefault(model, {})
-    if key not in sizes:  # a dry run costs ~2 ms: once per model and input shape (only speed depends on it)
-        try:
-            sizes[key] = largest_activation(model, key)
-        except (RuntimeError, NotImplementedError):  # a layer without a meta-device kernel: one pass
-            sizes[key] = 0
-    batch_bytes = sizes[key] * x.element_size() * x.shape[0]
-    return count if batch_bytes == 0 else max(1, min(count, CPU_PASS_BYTES // batch_bytes))
-
-
-_largest_activations: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+    rows = rows_per_cpu_pass(model, tuple(x.shape[1:]), x.element_size())
+    return count if rows == 0 else max(1, min(count, rows // x.shape[0]))
 
 
 def _broadcast(eps: list, target) -> tuple[list, list]:

@@ -3,6 +3,8 @@ import pytest
 import torch
 from torch import nn
 
+import fastjac.engine
+import fastjac.ensemble
 from fastjac import Ensemble, backends, models
 
 
@@ -140,3 +142,60 @@ def test_available_lists_torch_first_and_only_known_names():
     names = backends.available()
     assert names[0] == "torch"
     assert set(names) <= set(backends.NAMES)
+
+
+# ------------------------------------------------------------------------ inference in cache-sized passes
+def _count_passes(monkeypatch) -> list:
+    calls = []
+    forward = fastjac.engine.Engine.forward
+
+    def counting(self, x, *args, **kwargs):
+        calls.append(x.shape)
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(fastjac.engine.Engine, "forward", counting)
+    return calls
+
+
+def _resnet_ensemble(track_running_stats=True):
+    torch.manual_seed(0)
+    members = [models.resnet(width=4) for _ in range(3)]
+    for member in members:
+        for module in member.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.track_running_stats = track_running_stats
+    return [member.double().eval() for member in members]
+
+
+@pytest.mark.parametrize("per_member", [False, True])
+def test_inference_in_passes_equals_one_pass_and_the_members(per_member, monkeypatch):
+    """Eval-mode logits without gradients on the CPU go in equal passes over the batch when the largest
+    layer output would exceed CPU_PASS_BYTES, and equal the members' own logits (rows are independent)."""
+    members = _resnet_ensemble()
+    ensemble = Ensemble(members).eval()
+    x = torch.rand(3, 11, 1, 28, 28, dtype=torch.float64) if per_member else torch.rand(11, 1, 28, 28,
+                                                                                         dtype=torch.float64)
+    per_row = fastjac.ensemble.largest_activation(ensemble, (1, 28, 28)) * 8
+    monkeypatch.setattr(fastjac.ensemble, "CPU_PASS_BYTES", 4 * per_row)  # 4 rows a pass: 11 -> 3 passes of <= 4
+    calls = _count_passes(monkeypatch)
+    with torch.no_grad():
+        got = ensemble.member_logits(x, per_member=per_member)
+        want = torch.stack([member(x[m] if per_member else x) for m, member in enumerate(members)])
+    assert [shape[1 if per_member else 0] for shape in calls] == [4, 4, 3]
+    assert got.shape == (3, 11, 10)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_inference_runs_in_one_pass_where_rows_are_not_independent(monkeypatch):
+    """Batch statistics (train mode, or a BatchNorm without running statistics) and gradients: one pass."""
+    monkeypatch.setattr(fastjac.ensemble, "CPU_PASS_BYTES", 1)  # would mean one row per pass
+    calls = _count_passes(monkeypatch)
+    x = torch.rand(5, 1, 28, 28, dtype=torch.float64)
+    untracked = Ensemble(_resnet_ensemble(track_running_stats=False)).eval()
+    with torch.no_grad():
+        untracked.member_logits(x)
+        Ensemble(_resnet_ensemble()).train().member_logits(x)
+    Ensemble(_resnet_ensemble()).eval().member_logits(x)  # gradients enabled
+    assert [shape[0] for shape in calls] == [5, 5, 5]

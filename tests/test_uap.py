@@ -53,7 +53,7 @@ def test_k_perturbations_match_reference_one_at_a_time(batches64, arch, per_pass
     members = make_members(arch)
     ensemble = Ensemble(copy.deepcopy(members))
     batch_bytes = fastjac.ensemble.largest_activation(ensemble, (1, 28, 28)) * 8 * 16  # float64, B = 16
-    monkeypatch.setattr(fastjac.uap, "CPU_PASS_BYTES", batch_bytes * per_pass)
+    monkeypatch.setattr(fastjac.ensemble, "CPU_PASS_BYTES", batch_bytes * per_pass)
     assert fastjac.uap.perturbations_per_pass(ensemble, batches64[0][0], len(EPS)) == per_pass
     result = sgd_uap(ensemble, batches64, eps=EPS, target=TARGETS, epochs=4)
     assert result.delta.shape == (3, 1, 28, 28) and result.delta.dtype == F64
@@ -76,7 +76,7 @@ def test_perturbations_per_pass_counts_member_activations():
                                              torch.nn.Linear(20, 10)) for _ in range(3)])
     x = torch.rand(8, 1, 28, 28)
     assert fastjac.ensemble.largest_activation(ensemble, (1, 28, 28)) == 60
-    assert fastjac.uap.perturbations_per_pass(ensemble, x, 100) == min(100, fastjac.uap.CPU_PASS_BYTES // 1920)
+    assert fastjac.uap.perturbations_per_pass(ensemble, x, 100) == min(100, fastjac.ensemble.CPU_PASS_BYTES // 1920)
     assert fastjac.uap.perturbations_per_pass(ensemble, x.to("meta"), 7) == 7  # not the CPU: one pass
 
 
