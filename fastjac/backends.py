@@ -19,7 +19,6 @@ cannot run on the tensors' device.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os
@@ -48,10 +47,18 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
+_reasons: dict[str, str | None] = {}  # _why_unavailable's answers (a dict: torch.compile warns on lru_cache)
+
+
 @torch.compiler.assume_constant_result  # a constant to torch.compile (it would not trace the import)
 def _why_unavailable(name: str) -> str | None:
-    """None if ``name`` can run in this process, else the reason it cannot."""
+    """None if ``name`` can run in this process, else the reason it cannot (found once per name)."""
+    if name not in _reasons:
+        _reasons[name] = _find_why_unavailable(name)
+    return _reasons[name]
+
+
+def _find_why_unavailable(name: str) -> str | None:
     if name == "torch":
         return None
     if name in ("cpp", "cuda"):

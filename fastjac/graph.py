@@ -8,7 +8,6 @@ Linear/Conv2d before it where that layer feeds nothing else. Anything it cannot 
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, replace
 
 from torch import fx, nn
@@ -29,10 +28,12 @@ class Node:
 class Graph:
     """Layer records in topological order; ``output`` is the node whose value is the member's logits.
     ``frees``: per node, the values (node indices or INPUT) no later node reads, dropped once it has run
-    (derived; a plain field rather than a cached property, which torch.compile cannot trace)."""
+    (derived; a plain field rather than a cached property, which torch.compile cannot trace). ``modes``:
+    ``in_mode``'s graphs by training flag (a plain dict: torch.compile traces it, and warns on lru_cache)."""
     nodes: tuple
     output: int
     frees: tuple = field(init=False, compare=False, repr=False)
+    modes: dict = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         last = {}
@@ -44,21 +45,21 @@ class Graph:
         for source, index in last.items():
             frees[index].append(source)
         object.__setattr__(self, "frees", tuple(tuple(f) for f in frees))
+        object.__setattr__(self, "modes", {})
 
     def in_mode(self, training: bool) -> "Graph":
         """This graph with every layer in train or eval mode; Unsupported where a layer cannot be fused
         in that mode (Dropout with p > 0 in training)."""
-        return _in_mode(self, training)
+        graph = self.modes.get(training)
+        if graph is None:
+            graph = Graph(tuple(replace(node, layer=node.layer.in_mode(training)) for node in self.nodes), self.output)
+            self.modes[training] = graph
+        return graph
 
     def chain(self) -> bool:
         """True when every node consumes the one before it (a plain sequence)."""
         return all(node.inputs == (index - 1 if index else INPUT,) for index, node in enumerate(self.nodes)) \
             and self.output == len(self.nodes) - 1
-
-
-@functools.lru_cache(maxsize=256)
-def _in_mode(graph: Graph, training: bool) -> Graph:
-    return Graph(tuple(replace(node, layer=node.layer.in_mode(training)) for node in graph.nodes), graph.output)
 
 
 def _trace(module: nn.Module) -> fx.GraphModule:
