@@ -23,6 +23,11 @@ TORCH_LIBRARY(fastjac, m) {
   m.def("stacked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? mask, int streams, bool has_bias, "
         "bool needs_x_grad) -> (Tensor?, Tensor, Tensor?)");
   m.def("stacked_addmm_(Tensor(a!) out, Tensor a, Tensor b, Tensor? bias, bool accumulate) -> ()");
+  m.def("batch_norm_statistics_backward(Tensor? grad_x_hat, Tensor? grad_inv_std, Tensor x_hat, Tensor inv_std) "
+        "-> Tensor");
+  m.def("batch_norm_linearization_forward(Tensor t, Tensor x_hat, Tensor scale) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_linearization_backward(Tensor grad_out, Tensor t, Tensor x_hat, Tensor scale, Tensor mean_t, "
+        "Tensor mean_tx) -> (Tensor, Tensor, Tensor)");
   // CUDA only (csrc/cuda_ops.cpp): clamp(delta + step_k * sign(grad), -eps_k, eps_k), float32
   m.def("uap_step(Tensor delta, Tensor grad, Tensor step, Tensor eps) -> Tensor");
 }
@@ -33,6 +38,9 @@ TORCH_LIBRARY_IMPL(fastjac, CPU, m) {
   m.impl("stacked_linear_forward", &stacked_linear_forward);
   m.impl("stacked_linear_backward", &stacked_linear_backward);
   m.impl("stacked_addmm_", &stacked_addmm_op);
+  m.impl("batch_norm_statistics_backward", &batch_norm_statistics_backward);
+  m.impl("batch_norm_linearization_forward", &batch_norm_linearization_forward);
+  m.impl("batch_norm_linearization_backward", &batch_norm_linearization_backward);
 }
 
 namespace py = pybind11;

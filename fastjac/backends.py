@@ -93,6 +93,7 @@ class Backend:
     stacked_linear: tuple          # (forward, backward)
     perturb: tuple                 # (forward, backward)
     sign_step: Callable            # the SGD-UAP update of K perturbations
+    batch_norm: tuple              # ops.batch_norm.Launchers: BatchNorm with batch statistics
     perturbed_linear: tuple | None = None   # the perturbation fused into the first Linear, or None
     chain_products: Callable | None = None  # () -> the Linear-chain Functions' products; None: no chain
     plain_chain: bool = False      # plain training passes of a chain run as one Function too
@@ -128,7 +129,7 @@ def device_for(name: str, requested=None) -> torch.device:
 
 def _build(name: str) -> Backend:
     """The Backend object of an available backend (imports its launchers)."""
-    from fastjac.ops import linear_chain
+    from fastjac.ops import batch_norm, linear_chain
     from fastjac.ops import stacked_linear as linear
     from fastjac.ops import stream_epilogue as epilogue
     from fastjac.ops import uap_step
@@ -136,7 +137,7 @@ def _build(name: str) -> Backend:
     aten = dict(stream_epilogue=(epilogue.stream_epilogue_forward, epilogue.stream_epilogue_backward),
                 stacked_linear=(linear.stacked_linear_forward, linear.stacked_linear_backward),
                 perturb=(uap_step.perturb_forward, uap_step.perturb_backward), sign_step=uap_step.uap_step,
-                chain_products=lambda: linear_chain.ATenProducts)
+                batch_norm=batch_norm.ATEN, chain_products=lambda: linear_chain.ATenProducts)
     if name == "torch":
         return Backend(name, device_types(name), **aten)
     if name == "cpp":
@@ -146,6 +147,7 @@ def _build(name: str) -> Backend:
         return Backend(name, device_types(name), **{
             **aten, "stream_epilogue": (ops.stream_epilogue_forward, ops.stream_epilogue_backward),
             "stacked_linear": (ops.stacked_linear_forward, ops.stacked_linear_backward),
+            "batch_norm": batch_norm.native_launchers(ops),
             "chain_products": lambda: linear_chain.MemberParallelProducts(ops), "plain_chain": True})
     if name == "cuda":
         return Backend(name, device_types(name), **{**aten, "sign_step": uap_step.cuda_sign_step})
@@ -159,7 +161,7 @@ def _build(name: str) -> Backend:
                        stacked_linear=(k_linear.stacked_linear_forward, k_linear.stacked_linear_backward),
                        perturb=(k_uap.perturb_forward, k_uap.perturb_backward), sign_step=k_uap.uap_step,
                        perturbed_linear=(k_uap.perturbed_linear_forward, k_uap.perturbed_linear_backward),
-                       own_plain_epilogue=True, interpreted=device_types(name) == ("cpu",))
+                       batch_norm=batch_norm.ATEN, own_plain_epilogue=True, interpreted=device_types(name) == ("cpu",))
     raise AssertionError(name)  # _why_unavailable names every other name as unknown
 
 

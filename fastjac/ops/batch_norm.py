@@ -10,7 +10,8 @@ Shapes (per member m and channel c; N = B*L values per channel and stream; L = p
     t      [S, B, M, C, L]  S streams of tangent rows (jvp) or cotangent rows (vjp)
     scale  [M, C, 1]        gamma * inv_std (inv_std without an affine map)
 
-Launchers (torch ops; every backend runs these):
+Launchers (``ATEN``: torch ops, every backend but cpp; ``native_launchers``: for the cpp backend, the C++
+ops of csrc/batch_norm.cpp, one pass per reduction and per output, for all but statistics_forward):
     moments(x) -> (mean [1,M,C,1], var [1,M,C,1], x - mean)
     statistics_forward(x, eps) -> (x_hat, inv_std, mean [M,C,1], var [M,C,1])
     statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std) -> grad_x
@@ -21,6 +22,8 @@ The means of the linearization run over the B samples and the space of ONE strea
 direction for the whole batch. The map is self-adjoint, so it serves the tangent and the cotangent rows.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -92,13 +95,38 @@ def linearization_backward(grad_out, t, x_hat, scale, mean_t, mean_tx):
     return grad_t, grad_x_hat, grad_scale
 
 
+class Launchers(NamedTuple):
+    statistics_forward: object
+    statistics_backward: object
+    linearization_forward: object
+    linearization_backward: object
+
+
+ATEN = Launchers(statistics_forward, statistics_backward, linearization_forward, linearization_backward)
+
+
+def native_launchers(ops) -> Launchers:
+    """The C++ launchers (``torch.ops.fastjac``), with the ATen launchers' signatures; the statistics'
+    forward stays ATen's (its vectorized reductions measured faster, csrc/batch_norm.cpp)."""
+    def native_linearization_forward(t, x_hat, scale):
+        out, mean_t, mean_tx = ops.batch_norm_linearization_forward(t, x_hat, scale.contiguous())
+        return out, (mean_t, mean_tx)
+
+    def native_statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std):
+        return ops.batch_norm_statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std.contiguous())
+
+    return Launchers(statistics_forward, native_statistics_backward, native_linearization_forward,
+                     ops.batch_norm_linearization_backward)
+
+
 class BatchStatistics(torch.autograd.Function):
     """x [B, M, C, L] -> (x_hat, inv_std [M, C, 1], mean, var); mean and var (for the running statistics)
     are not differentiable."""
 
     @staticmethod
-    def forward(ctx, x, eps):
-        x_hat, inv_std, mean, var = statistics_forward(x, eps)
+    def forward(ctx, x, eps, launchers):
+        x_hat, inv_std, mean, var = launchers.statistics_forward(x, eps)
+        ctx.launchers = launchers
         ctx.save_for_backward(x_hat, inv_std)
         ctx.mark_non_differentiable(mean, var)
         return x_hat, inv_std, mean, var
@@ -106,27 +134,29 @@ class BatchStatistics(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x_hat, grad_inv_std, _grad_mean, _grad_var):
         x_hat, inv_std = ctx.saved_tensors
-        return statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std), None
+        return ctx.launchers.statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std), None, None
 
 
 class NormalizedLinearization(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t, x_hat, scale):
-        out, means = linearization_forward(t, x_hat, scale)
+    def forward(ctx, t, x_hat, scale, launchers):
+        out, means = launchers.linearization_forward(t, x_hat, scale)
+        ctx.launchers = launchers
         ctx.save_for_backward(t, x_hat, scale, *means)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return linearization_backward(grad_out.contiguous(), *ctx.saved_tensors)
+        return *ctx.launchers.linearization_backward(grad_out.contiguous(), *ctx.saved_tensors), None
 
 
-def batch_statistics(x: torch.Tensor, eps: float):
+def batch_statistics(x: torch.Tensor, eps: float, launchers: Launchers = ATEN):
     """Differentiable (x_hat, inv_std [M, C, 1]) of primal rows x [B, M, C, L], and the batch's mean and
     biased variance [M, C, 1] (detached)."""
-    return BatchStatistics.apply(x, eps)
+    return BatchStatistics.apply(x, eps, launchers)
 
 
-def normalized_linearization(t: torch.Tensor, x_hat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def normalized_linearization(t: torch.Tensor, x_hat: torch.Tensor, scale: torch.Tensor,
+                             launchers: Launchers = ATEN) -> torch.Tensor:
     """Differentiable scale * (t - mean(t) - x_hat * mean(t * x_hat)) for t [S, B, M, C, L]."""
-    return NormalizedLinearization.apply(t, x_hat, scale)
+    return NormalizedLinearization.apply(t, x_hat, scale, launchers)

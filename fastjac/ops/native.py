@@ -15,6 +15,9 @@ Shapes (see the ops' modules for the semantics):
     stacked_linear_backward(grad_out [M,R,OUT], x, weight, mask?, streams, has_bias, needs_x_grad)
         -> (grad_x like x?, grad_weight like weight, grad_bias [M,OUT]?)
     stacked_addmm_(out [M,P,Q] (written), a [M,P,K], b [M,K,Q], bias [M,Q]?, accumulate) -> ()
+    batch_norm_statistics_backward(grad_x_hat?, grad_inv_std?, x_hat, inv_std) -> grad_x
+    batch_norm_linearization_forward(t [S,B,M,C,L], x_hat, scale [M,C,1]) -> (out, mean_t, mean_tx [S,1,M,C,1])
+    batch_norm_linearization_backward(grad_out, t, x_hat, scale, mean_t, mean_tx) -> (grad_t, grad_x_hat, grad_scale)
     uap_step(delta [K,*in], grad like delta, step [K], eps [K]) -> like delta   (CUDA builds, float32)
 """
 from __future__ import annotations
@@ -46,6 +49,19 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastjac::stacked_addmm_")
     def _(out, a, b, bias, accumulate):
         return None
+
+    @torch.library.register_fake("fastjac::batch_norm_statistics_backward")
+    def _(grad_x_hat, grad_inv_std, x_hat, inv_std):
+        return torch.empty_like(x_hat)
+
+    @torch.library.register_fake("fastjac::batch_norm_linearization_forward")
+    def _(t, x_hat, scale):
+        means = t.new_empty(t.shape[0], 1, t.shape[2], t.shape[3], 1)
+        return torch.empty_like(t), means, torch.empty_like(means)
+
+    @torch.library.register_fake("fastjac::batch_norm_linearization_backward")
+    def _(grad_out, t, x_hat, scale, mean_t, mean_tx):
+        return torch.empty_like(t), torch.empty_like(x_hat), scale.new_empty(scale.shape)
 
     @torch.library.register_fake("fastjac::uap_step")
     def _(delta, grad, step, eps):
