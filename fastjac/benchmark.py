@@ -395,6 +395,17 @@ def _peer_jvp_loss(s: Setup):
     return fn, list(params.values())
 
 
+def _compiled_peer_jvp_loss(s: Setup):
+    """The peer under torch.compile, where it can compile: with torch 2.13, compiling torch.func.jvp
+    through BatchNorm fails (a fake-tensor call to _fw_primal), and after that failure later cases of the
+    same process were seen to lose their autograd graphs ("element 0 of tensors does not require grad";
+    ResNet-8 group, also on the tree of 2026-11-30 08:15; cause not found). So it is not attempted there."""
+    if any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in s.members[0].modules()):
+        raise RuntimeError("not attempted: torch.compile of torch.func.jvp through BatchNorm fails in torch 2.13 "
+                           "(fake-tensor call to _fw_primal), and the failure broke later cases of the process")
+    return _peer_jvp_loss(s)
+
+
 def _loop_loss(s: Setup):
     return (lambda: sum(F.cross_entropy(member(s.x), s.y) for member in s.members)), _member_params(s.members)
 
@@ -552,7 +563,7 @@ KINDS: dict[str, Kind] = {
     "peer_jvp": Kind("JR step jvp, torch.func vmap + jvp (peer)", _step(_peer_jvp_loss), "peer jvp", "-",
                      ("jr_jvp", "auto-name")),
     "peer_jvp_compiled": Kind("JR step jvp, torch.func vmap + jvp under torch.compile (peer: the reference's "
-                              "double backward does not compile)", _step(_peer_jvp_loss, compiled=True),
+                              "double backward does not compile)", _step(_compiled_peer_jvp_loss, compiled=True),
                               "peer jvp compiled", "-", ("jr_jvp", "auto-name"), eager_twin="peer_jvp"),
     "generic_vjp": Kind("JR step vjp, generic path", _step(_one_pass_loss("vjp")), "generic vjp", "auto",
                         ("reference_jr", "-"), archs="unfused"),
