@@ -15,7 +15,9 @@
 
 #include <ATen/Parallel.h>
 
-#include <cmath>
+#include <string>
+#include <tuple>
+#include <utility>
 
 namespace fastjac {
 namespace {
@@ -49,14 +51,27 @@ void check_channels(const at::Tensor& t, int64_t members, int64_t channels, cons
                                 t.size(3) == channels && t.size(4) == 1
                           : t.dim() == 3 && t.size(0) == members && t.size(1) == channels && t.size(2) == 1;
   TORCH_CHECK(ok, op, ": ", name, " must be [", streams ? std::to_string(streams) + ", 1, " : std::string(),
-              members, ", ", channels, streams ? ", 1]" : ", 1]", ", got ", t.sizes());
+              members, ", ", channels, ", 1], got ", t.sizes());
 }
 
-// f(row pointer offset, length L) for every b of channel (m, c) in stream s.
-template <typename Fn>
-inline void for_rows(const Rows& r, int64_t s, int64_t m, int64_t c, int64_t B, Fn&& f) {
-  const int64_t base = s * r.s + m * r.m + c * r.c;
-  for (int64_t b = 0; b < B; ++b) f(base + b * r.b);
+// (sum of a, sum of a * b) over one channel's B rows of L values; a and b point at the channel's first row,
+// a_row and b_row are the row strides. Each row's L values are summed vectorized in the tensor's type, the
+// rows' sums in double.
+template <typename scalar_t>
+inline std::pair<double, double> sum_and_dot(const scalar_t* a, int64_t a_row, const scalar_t* b, int64_t b_row,
+                                             int64_t B, int64_t L) {
+  double sum = 0, dot = 0;
+  for (int64_t r = 0; r < B; ++r, a += a_row, b += b_row) {
+    scalar_t row_sum = 0, row_dot = 0;
+#pragma omp simd reduction(+ : row_sum, row_dot)
+    for (int64_t l = 0; l < L; ++l) {
+      row_sum += a[l];
+      row_dot += a[l] * b[l];
+    }
+    sum += row_sum;
+    dot += row_dot;
+  }
+  return {sum, dot};
 }
 
 template <typename scalar_t>
@@ -77,18 +92,7 @@ void statistics_backward_kernel(const at::Tensor& g, const at::Tensor& g_inv, co
       const double is = ip[mc];
       double sum_g = 0, sum_gx = 0;
       if (has_g) {
-        for (int64_t b = 0; b < B; ++b) {
-          const scalar_t* gg = gp + m * gr.m + c * gr.c + b * gr.b;
-          const scalar_t* hh = hp + m * hr.m + c * hr.c + b * hr.b;
-          scalar_t row_g = 0, row_gx = 0;
-#pragma omp simd reduction(+ : row_g, row_gx)
-          for (int64_t l = 0; l < L; ++l) {
-            row_g += gg[l];
-            row_gx += gg[l] * hh[l];
-          }
-          sum_g += row_g;
-          sum_gx += row_gx;
-        }
+        std::tie(sum_g, sum_gx) = sum_and_dot(gp + m * gr.m + c * gr.c, gr.b, hp + m * hr.m + c * hr.c, hr.b, B, L);
       }
       // grad_x = is * g - is * sum_g / N - x_hat * (is * sum_gx / N + g_inv * is^2 / N)
       const scalar_t a = static_cast<scalar_t>(is), shift = static_cast<scalar_t>(-is * sum_g / count);
@@ -120,19 +124,8 @@ void linearization_forward_kernel(const at::Tensor& t, const at::Tensor& x_hat, 
   at::parallel_for(0, S * M * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / (M * C), mc = item % (M * C), m = mc / C, c = mc % C;
-      double sum_t = 0, sum_tx = 0;
-      for (int64_t b = 0; b < B; ++b) {
-        const scalar_t* tt = tp + s * tr.s + m * tr.m + c * tr.c + b * tr.b;
-        const scalar_t* hh = hp + m * hr.m + c * hr.c + b * hr.b;
-        scalar_t row_t = 0, row_tx = 0;
-#pragma omp simd reduction(+ : row_t, row_tx)
-        for (int64_t l = 0; l < L; ++l) {
-          row_t += tt[l];
-          row_tx += tt[l] * hh[l];
-        }
-        sum_t += row_t;
-        sum_tx += row_tx;
-      }
+      const auto [sum_t, sum_tx] =
+          sum_and_dot(tp + s * tr.s + m * tr.m + c * tr.c, tr.b, hp + m * hr.m + c * hr.c, hr.b, B, L);
       const double sc = sp[mc], a = sum_t / count, bx = sum_tx / count;
       // out = scale * (t - mean(t) - x_hat * mean(t x_hat))
       const scalar_t k = static_cast<scalar_t>(sc), shift = static_cast<scalar_t>(-sc * a),

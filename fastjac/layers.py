@@ -749,11 +749,12 @@ class BatchNorm(Layer):
         gamma3 = None if gamma is None else gamma.view(members, -1, 1)
         beta3 = None if beta is None else beta.view(members, -1, 1)
         if self.batch_statistics:
-            x_hat, inv_std, mean, var = batch_norm_op.batch_statistics(x[0], self.eps, run.backend.batch_norm)  # from the primal rows
+            launchers = run.backend.batch_norm
+            x_hat, inv_std, mean, var = batch_norm_op.batch_statistics(x[0], self.eps, launchers)  # the primal rows'
             self._update(run, mean, var, batch * x.shape[-1])
             scale = inv_std if gamma3 is None else inv_std * gamma3
             primal = x_hat if gamma3 is None else torch.addcmul(beta3, x_hat, gamma3)
-            tangents = batch_norm_op.normalized_linearization(x[1:], x_hat, scale, run.backend.batch_norm) if streams > 1 else None
+            tangents = batch_norm_op.normalized_linearization(x[1:], x_hat, scale, launchers) if streams > 1 else None
             saved = BatchNormSaved(scale, x_hat)
         else:  # a per-channel affine map: the extra rows are only scaled
             running_mean, running_var, _ = self._running(run)
