@@ -88,10 +88,13 @@ PRESETS = {
                    je_ensemble_lambdas=(0.2,), mixed=((3, 0.2),), eps=_EPS, seeds=(0, 1, 2), train_samples=None,
                    test_samples=None, uap_samples=20000, uap_epochs=10),
     # The frontier study (issue 14), each sized to <= 90 min on this project's 2-core CPU when otherwise
-    # idle: estimate_seconds() gives 80 min (frontier) and 82 min (frontier-lenet, from derived LeNet costs).
-    # SGD-UAP runs few epochs in several batch orders: one order settles within an epoch, orders differ
-    # (fit_uaps). The attack check's models: the baseline, one JR model and one Jacobian Ensemble at the
-    # trade-off's knee.
+    # idle: estimate_seconds() gives 85 min (frontier) and 82 min (frontier-lenet, from derived LeNet costs).
+    # SGD-UAP runs one epoch in several batch orders: one order settles within an epoch, orders differ
+    # (fit_uaps). The MLP's attack has 10 orders: with 5 orders x 2 epochs the attack check flagged jr-0.01
+    # (seed 0, eps 0.1: 74.0 -> 70.8 under 3x the epochs in 8 orders), and the drop came from the orders:
+    # its orders 6, 9 and 10 reach 70.9-71.0 at 1 epoch as at 2, the first five 73.8-74.3 (docs/results/
+    # frontier/attack-orders.md). The attack check's models: the baseline, one JR model and one Jacobian
+    # Ensemble at the trade-off's knee.
     "frontier-smoke": Preset(epochs=1, members=2, lambdas=(0.5,), je_lambdas=(0.5,), je_ensemble_lambdas=(0.5,),
                              mixed=_mixed_grid(2, (0.05, 0.5)), eps=(0.05, 0.1), seeds=(0, 1), train_samples=512,
                              test_samples=256, uap_samples=128, uap_epochs=1, uap_restarts=2, wide_lambdas=(0.0, 0.5),
@@ -99,7 +102,7 @@ PRESETS = {
     "frontier": Preset(epochs=5, members=5, lambdas=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 1.0),
                        je_lambdas=(0.005, 0.01, 0.02, 0.05, 0.2), je_ensemble_lambdas=(0.005, 0.02, 0.05, 0.2),
                        mixed=_mixed_grid(5, (0.02, 0.2)), eps=_EPS, seeds=(0, 1, 2), train_samples=None,
-                       test_samples=None, uap_samples=10000, uap_epochs=2, uap_restarts=5,
+                       test_samples=None, uap_samples=10000, uap_epochs=1, uap_restarts=10,
                        wide_lambdas=(0.0, 0.005, 0.02, 0.05, 0.2), frontier=True, attack_check=AttackCheck(("baseline", "jr-0.01", "je-members-m5-0.01"))),
     "frontier-lenet": Preset(epochs=2, members=5, lambdas=(0.005, 0.02, 0.05, 0.2, 1.0), je_lambdas=(0.005, 0.02, 0.2),
                              je_ensemble_lambdas=(0.005, 0.02, 0.2), mixed=_mixed_grid(5, (0.02, 0.2)), eps=_EPS,
