@@ -298,6 +298,13 @@ def _fit_batches(train_data, preset: Preset, seed: int) -> list:
             for i in range(0, x_fit.shape[0], preset.batch_size)]
 
 
+def batch_order(count: int, seed: int, order: int) -> list:
+    """The ``order``-th order of a seed's ``count`` fit batches: 0 is their own, others seeded permutations."""
+    if order == 0:
+        return list(range(count))
+    return torch.randperm(count, generator=torch.Generator().manual_seed(1_000_003 * seed + order)).tolist()
+
+
 def fit_uaps(model: torch.nn.Module, train_data, preset: Preset, seed: int, *, epochs: int, orders: int,
              progress: bool = False) -> tuple:
     """SGD-UAPs for every eps of ``preset``, fitted in ``orders`` orders of the seed's fit batches.
@@ -315,8 +322,7 @@ def fit_uaps(model: torch.nn.Module, train_data, preset: Preset, seed: int, *, e
     x_fit, y_fit = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
     result, fit = None, []
     for o in range(orders):
-        order = range(len(batches)) if o == 0 else \
-            torch.randperm(len(batches), generator=torch.Generator().manual_seed(1_000_003 * seed + o)).tolist()
+        order = batch_order(len(batches), seed, o)
         attack = sgd_uap(model, [batches[i] for i in order], eps=list(preset.eps), epochs=epochs, progress=progress)
         if orders == 1:
             return attack, fit
