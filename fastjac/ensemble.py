@@ -246,6 +246,9 @@ def rows_per_cpu_pass(model: nn.Module, sample_shape: tuple, element_size: int) 
         except (RuntimeError, NotImplementedError):
             sizes[sample_shape] = 0
     per_row = sizes[sample_shape] * element_size
+    if isinstance(model, Ensemble) and model.graph is not None and engine.runs_by_member(model.graph, model.num_members,
+                                                                                          "cpu"):
+        per_row //= model.num_members  # a pass holds one member's activations at a time
     return 0 if per_row == 0 else max(1, CPU_PASS_BYTES // per_row)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from torch import fx, nn
 
-from fastjac.layers import Conv2d, Layer, Linear, ReLU, Unsupported, layer_for_call, layer_for_module
+from fastjac.layers import BatchNorm, Conv2d, Layer, Linear, ReLU, Unsupported, layer_for_call, layer_for_module
 
 INPUT = -1  # the graph's input, as a node index
 
@@ -55,6 +55,10 @@ class Graph:
             graph = Graph(tuple(replace(node, layer=node.layer.in_mode(training)) for node in self.nodes), self.output)
             self.modes[training] = graph
         return graph
+
+    @property
+    def has_batch_norm(self) -> bool:
+        return any(isinstance(node.layer, BatchNorm) for node in self.nodes)
 
     def chain(self) -> bool:
         """True when every node consumes the one before it (a plain sequence)."""

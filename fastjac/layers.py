@@ -80,6 +80,16 @@ def streams_view(h: torch.Tensor, layout: str, streams: int) -> torch.Tensor:
     return h.reshape(1, streams, -1)
 
 
+def unbind_members(t: torch.Tensor) -> list:
+    """t.unbind(0); one member's is a view (no UnbindBackward stacking its gradient)."""
+    return [t.squeeze(0)] if t.shape[0] == 1 else list(t.unbind(0))
+
+
+def stack_members(parts: list) -> torch.Tensor:
+    """torch.stack of per-member results; one member's is a view (no copy)."""
+    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+
+
 def scale_rows(g: torch.Tensor, layout: str, factor: torch.Tensor, factor_layout: str, nproj: int):
     """g (P*B rows per member) times a per-primal-row factor (a bool ReLU mask or a float derivative)
     recorded by the forward as [M, B*features] ("members"), [1, B*features] (shared by the members:
@@ -233,9 +243,9 @@ class Conv2d(Layer):
             y = self._conv(h, weight.reshape(members * cout, *weight.shape[2:]), flat_bias)
             out_layout, view = "rows", y.view(y.shape[0], members, cout, *y.shape[-2:])
         else:
-            inputs = [h] * members if layout == "shared" else to_members(h, layout).unbind(0)
-            biases = bias.unbind(0) if plain and bias is not None else [None] * members
-            y = torch.stack([self._conv(x, w, b) for x, w, b in zip(inputs, weight.unbind(0), biases)])
+            inputs = [h] * members if layout == "shared" else unbind_members(to_members(h, layout))
+            biases = unbind_members(bias) if plain and bias is not None else [None] * members
+            y = stack_members([self._conv(x, w, b) for x, w, b in zip(inputs, unbind_members(weight), biases)])
             out_layout, view = "members", y
         if plain:
             return (torch.relu(view) if self.relu else view), out_layout, ProductSaved(layout, tuple(h.shape), None)
@@ -263,8 +273,8 @@ class Conv2d(Layer):
             target[i] - ((g.shape[-2 + i] - 1) * self.stride[i] - 2 * padding[i]
                          + self.dilation[i] * (self.kernel[i] - 1) + 1)
             for i in range(2))
-        g = torch.stack([F.conv_transpose2d(g_m, w_m, None, self.stride, padding, output_padding, self.groups,
-                                            self.dilation) for g_m, w_m in zip(g.unbind(0), weight.unbind(0))])
+        g = stack_members([F.conv_transpose2d(g_m, w_m, None, self.stride, padding, output_padding, self.groups,
+                                            self.dilation) for g_m, w_m in zip(unbind_members(g), unbind_members(weight))])
         if not self.symmetric:
             g = g[..., self.padding[0]:self.padding[0] + height, self.padding[2]:self.padding[2] + width]
         return g, "members"
@@ -739,8 +749,8 @@ class BatchNorm(Layer):
                     if tracked is not None:
                         tracked.add_(1)
             if layout == "members":  # each member's contiguous slice
-                parts = zip(h.unbind(0), *(_unbind(t, members) for t in (running_mean, running_var, gamma, beta)))
-                out = torch.stack([F.batch_norm(h_m, mean_m, var_m, gamma_m, beta_m, self.batch_statistics, momentum,
+                parts = zip(unbind_members(h), *(_unbind(t, members) for t in (running_mean, running_var, gamma, beta)))
+                out = stack_members([F.batch_norm(h_m, mean_m, var_m, gamma_m, beta_m, self.batch_statistics, momentum,
                                                 self.eps) for h_m, mean_m, var_m, gamma_m, beta_m in parts])
                 return out, "members", None
             flat = x[0].reshape(batch, -1, x.shape[-1])  # [B, M*C, L]: every member's channels side by side
@@ -810,7 +820,7 @@ def _join_streams(primal: torch.Tensor, tangents: torch.Tensor | None, layout: s
 
 def _unbind(t: torch.Tensor | None, members: int) -> list:
     """Per-member slices of a stacked [M, ...] tensor, or M Nones."""
-    return [None] * members if t is None else list(t.unbind(0))
+    return [None] * members if t is None else unbind_members(t)
 
 
 # ----------------------------------------------------------------------------------- functional calls

@@ -38,3 +38,15 @@ def fashion():
     x, y = fastjac.data.load("fashion-mnist", "train")
     x_test, y_test = fastjac.data.load("fashion-mnist", "test")
     return x, y, x_test, y_test
+
+
+@pytest.fixture(params=["by member", "stacked"])
+def passes(request, monkeypatch):
+    """Both ways an ensemble with BatchNorm runs: member by member (``Engine.by_member``: the CPU's way)
+    and stacked (every other device's); each must give the reference's values. Other models run stacked
+    under both."""
+    import fastjac.engine
+
+    if request.param == "stacked":
+        monkeypatch.setattr(fastjac.engine.Engine, "by_member", lambda self, device: False)
+    return request.param

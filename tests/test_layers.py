@@ -139,6 +139,7 @@ def make_case(name, members, seed=0):
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.usefixtures("passes")
 def test_member_logits_match_reference(name):
     mods, ensemble, x = make_case(name, 5)
     with warnings.catch_warnings():
@@ -151,6 +152,7 @@ def test_member_logits_match_reference(name):
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
 @pytest.mark.parametrize("target", ["members", "ensemble"])
 @pytest.mark.parametrize("nproj", [1, 3])
+@pytest.mark.usefixtures("passes")
 def test_penalty_matches_reference(name, members, mode, target, nproj):
     mods, ensemble, x = make_case(name, members)
     assert_penalty_matches_reference(mods, ensemble, x, mode, target, make_projections(mode, nproj, x, 5), None, name)
@@ -159,6 +161,7 @@ def test_penalty_matches_reference(name, members, mode, target, nproj):
 @pytest.mark.parametrize("name", LAYOUTS)
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
 @pytest.mark.parametrize("target", ["members", "ensemble"])
+@pytest.mark.usefixtures("passes")
 def test_penalty_matches_reference_in_every_layout(name, mode, target):
     mods, ensemble, x = make_case(name, 5)
     assert_penalty_matches_reference(mods, ensemble, x, mode, target, make_projections(mode, 3, x, 5), None, name)
@@ -180,6 +183,7 @@ def running_stats(module_or_state, prefix):
 @pytest.mark.parametrize("name", ["batchnorm1d_train", "batchnorm2d_train", "batchnorm_on_input_train",
                                   "batchnorm1d_cumulative_train"])
 @pytest.mark.parametrize("call", ["logits", "vjp", "jvp"])
+@pytest.mark.usefixtures("passes")
 def test_running_statistics_after_a_step_equal_a_plain_forward(name, call):
     """One training pass of any kind (plain logits, a JR penalty in either mode) updates the running
     statistics once, from the primal rows only, exactly as one plain forward of each member does."""
@@ -223,6 +227,7 @@ def test_batchnorm_jvp_in_train_mode_runs_regression():
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
+@pytest.mark.usefixtures("passes")
 def test_batchnorm_penalty_gradcheck(train, mode):
     """float64 gradcheck of the engine's squared tangents / cotangents w.r.t. the conv weight and
     BatchNorm's gamma and beta: the linearization's parameter gradient, checked against finite

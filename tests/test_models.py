@@ -74,6 +74,7 @@ def make_resnet_case(members, train):
 
 
 @pytest.mark.parametrize("train", [True, False])
+@pytest.mark.usefixtures("passes")
 def test_resnet_logits_match_reference(train):
     mods, ensemble, x = make_resnet_case(3, train)
     assert_logits_match_reference(mods, ensemble, x, None, "resnet")
@@ -82,6 +83,7 @@ def test_resnet_logits_match_reference(train):
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
 @pytest.mark.parametrize("target", ["members", "ensemble"])
+@pytest.mark.usefixtures("passes")
 def test_resnet_penalty_matches_reference(train, mode, target):
     mods, ensemble, x = make_resnet_case(2, train)
     assert_penalty_matches_reference(mods, ensemble, x, mode, target, make_projections(mode, 2, x, 10), None,
@@ -96,6 +98,7 @@ def test_resnet_members_round_trip():
 
 
 @pytest.mark.parametrize("train", [True, False])
+@pytest.mark.usefixtures("passes")
 def test_resnet_hoffman_style_jacobian_reg_uses_the_recorded_pass(train):
     """``y = ens(x)`` with x requiring grad records the engine's tape (BatchNorm's saved state included);
     ``JacobianReg`` then equals half the ensemble-target penalty for the same projections, and the
@@ -113,6 +116,7 @@ def test_resnet_hoffman_style_jacobian_reg_uses_the_recorded_pass(train):
     assert tracked.tolist() == ([1, 1] if train else [0, 0])
 
 
+@pytest.mark.usefixtures("passes")
 def test_resnet_ensemble_sgd_uap_matches_reference():
     """An attack on a ResNet ensemble (eval mode: BatchNorm with its running statistics) runs on the
     engine and gives the reference's perturbation."""
