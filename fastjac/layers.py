@@ -274,7 +274,8 @@ class Conv2d(Layer):
                          + self.dilation[i] * (self.kernel[i] - 1) + 1)
             for i in range(2))
         g = stack_members([F.conv_transpose2d(g_m, w_m, None, self.stride, padding, output_padding, self.groups,
-                                            self.dilation) for g_m, w_m in zip(unbind_members(g), unbind_members(weight))])
+                                              self.dilation)
+                           for g_m, w_m in zip(unbind_members(g), unbind_members(weight))])
         if not self.symmetric:
             g = g[..., self.padding[0]:self.padding[0] + height, self.padding[2]:self.padding[2] + width]
         return g, "members"
@@ -796,14 +797,14 @@ def _split_streams(h: torch.Tensor, x: torch.Tensor, layout: str, streams: int):
     x's size, then add), and along the streams axis of h's own memory order, so that the gradient the
     split's backward joins comes out in h's layout (a members gradient in the rows order would be copied
     again by every per-member convolution's backward)."""
-    if streams == 1:
-        return x[0], None
+    if streams == 1:  # squeeze, not [0]: a view, whose backward is one too
+        return x.squeeze(0), None
     if layout != "members":
         x0, xt = x.split([1, streams - 1])
-        return x0[0], xt
+        return x0.squeeze(0), xt
     members, rows = h.shape[:2]
     x0, xt = h.reshape(members, streams, rows // streams, *x.shape[-2:]).split([1, streams - 1], dim=1)
-    return x0[:, 0].transpose(0, 1), xt.permute(1, 2, 0, 3, 4)
+    return x0.squeeze(1).transpose(0, 1), xt.permute(1, 2, 0, 3, 4)
 
 
 def _join_streams(primal: torch.Tensor, tangents: torch.Tensor | None, layout: str) -> torch.Tensor:
