@@ -91,7 +91,7 @@ def _extension_and_cmdclass():
             why_not_cuda = f"the CUDA extension could not be set up: {error}"
             _say(f"WARNING: {why_not_cuda}")
     extension = extension or cpu_extension()
-    return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}
+    return [extension], {"build_ext": OptionalBuildExtension}  # ninja (installed by scripts/setup.sh) when on PATH: MAX_JOBS files at once
 
 
 ext_modules, cmdclass = _extension_and_cmdclass()

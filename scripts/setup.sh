@@ -13,7 +13,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "setup: Python packages"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-    torch==2.13.0 numpy triton pytest pytest-benchmark tqdm matplotlib
+    torch==2.13.0 numpy triton pytest pytest-benchmark tqdm matplotlib ninja
 
 # Build against the installed torch (no build isolation: an isolated build would fetch its own torch).
 stamp=.venv/.fastjac-build-stamp
@@ -22,7 +22,7 @@ build_log=.venv/fastjac-build.log
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] || ! .venv/bin/python -c "import fastjac" 2>/dev/null; then
     echo "setup: building fastjac and its C++ extension (a minute or two; log in $build_log)"
     rm -f fastjac/_C.*.so  # a failed build must not leave the previous extension importable
-    MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install --verbose --disable-pip-version-check \
+    PATH="$PWD/.venv/bin:$PATH" MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install --verbose --disable-pip-version-check \
         --no-build-isolation --no-deps -e . >"$build_log" 2>&1 || { tail -30 "$build_log"; exit 1; }
     grep -E "^fastjac: " "$build_log" | sed 's/^/setup: /' || true  # setup.py's own lines: what was built
     echo "$digest" > "$stamp"
