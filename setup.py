@@ -91,7 +91,8 @@ def _extension_and_cmdclass():
             why_not_cuda = f"the CUDA extension could not be set up: {error}"
             _say(f"WARNING: {why_not_cuda}")
     extension = extension or cpu_extension()
-    return [extension], {"build_ext": OptionalBuildExtension}  # ninja (installed by scripts/setup.sh) when on PATH: MAX_JOBS files at once
+    # BuildExtension compiles with ninja when it is on PATH (scripts/setup.sh installs it): MAX_JOBS files at once
+    return [extension], {"build_ext": OptionalBuildExtension}
 
 
 ext_modules, cmdclass = _extension_and_cmdclass()
