@@ -249,8 +249,6 @@ class Conv2d(Layer):
             out_layout, view = "members", y
         if plain:
             return (torch.relu(view) if self.relu else view), out_layout, ProductSaved(layout, tuple(h.shape), None)
-        if bias is None and not self.relu:  # the epilogue would be a copy, forward and backward (ResNet's convs)
-            return view, out_layout, ProductSaved(layout, tuple(h.shape), None, out_layout)
         o = 1 if out_layout == "rows" else members
         out, mask = epilogue_op.stream_epilogue(
             y.reshape(o, streams, -1), None if bias is None else bias.reshape(o, -1), y.shape[-1] * y.shape[-2],
