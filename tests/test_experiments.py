@@ -117,7 +117,8 @@ def test_frontier_presets_trace_every_method(name):
     m = preset.members
     for method in frontier.METHODS:
         assert len([c for c in configs if method in c.frontiers]) >= 3, method
-    assert min(preset.lambdas) <= 0.005 and max(preset.lambdas) >= 1  # small lambdas included
+    # small lambdas included; LeNet's grid stops at 0.2 (jr-1 lay below every other method's clean accuracy)
+    assert min(preset.lambdas) <= 0.005 and max(preset.lambdas) >= 0.2
     mixed = {(sum(v > 0 for v in c.jr_lambda), max(c.jr_lambda)) for c in configs if isinstance(c.jr_lambda, list)}
     lambdas = {lam for _, lam in mixed}
     assert len(lambdas) == 2 and mixed == {(k, lam) for lam in lambdas for k in range(1, m)}
