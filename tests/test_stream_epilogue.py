@@ -103,6 +103,26 @@ def test_gradcheck_float64(backend, device, relu, has_bias, case):
     assert torch.autograd.gradcheck(f, inputs, fast_mode=interpreted(backend, device))
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", [(1, 1, 3, 5, 1), (4, 3, 1, 7, 4)], ids=str)
+def test_masked_streams(backend, device, case):
+    """The ReLU derivative on tangent / cotangent rows: g * mask on every stream, equal to the float
+    product, and its float64 gradcheck (the map is linear in g: its backward is the same product)."""
+    o, s, q, nb, rep = case
+    generator = torch.Generator().manual_seed(2)
+    g = torch.randn(o, s, q * nb * rep, generator=generator, dtype=F64).to(device)
+    mask = (torch.rand(o, q * nb * rep, generator=generator) > 0.5).to(device)
+    launchers = backends.get(backend).stream_epilogue
+    out = se.masked_streams(g, mask, launchers)
+    assert torch.equal(out, g * mask.unsqueeze(1))
+    assert torch.autograd.gradcheck(lambda g: se.masked_streams(g, mask, launchers), (g.requires_grad_(),),
+                                    fast_mode=interpreted(backend, device))
+    with pytest.raises(ValueError, match="mask a bool"):
+        se.masked_streams(g, mask.to(F64), launchers)
+    with pytest.raises(ValueError, match="mask a bool"):
+        se.masked_streams(g, mask[:, 1:], launchers)
+
+
 def test_launchers_selection():
     assert backends.get("torch").stream_epilogue == se.TORCH_LAUNCHERS
     with pytest.raises(backends.BackendUnavailable, match="unknown backend"):

@@ -95,3 +95,30 @@ def stream_epilogue(y, bias, rep: int = 1, relu: bool = True, launchers=TORCH_LA
     if bias is None and not relu:  # the identity: the launchers would copy y forward and clone its gradient
         return y, None
     return StreamEpilogue.apply(y, bias, rep, relu, launchers)
+
+
+class MaskedStreams(torch.autograd.Function):
+    """g [O, S, I] times a ReLU mask [O, I] (bool) on every stream: the ReLU's derivative applied to the
+    tangent or cotangent rows, as the epilogue's backward launcher computes it (one pass; a float product
+    with the bool mask first copies the mask to float: measured 2.4-3x slower on the CPU). Self-adjoint:
+    its backward is the same product."""
+
+    @staticmethod
+    def forward(ctx, g, mask, launchers):
+        ctx.save_for_backward(mask)
+        ctx.launchers = launchers
+        return launchers[1](g.contiguous(), mask, 0, 1, False)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return masked_streams(grad, mask, ctx.launchers), None, None
+
+
+def masked_streams(g: torch.Tensor, mask: torch.Tensor, launchers=TORCH_LAUNCHERS) -> torch.Tensor:
+    """Differentiable g [O, S, I] * mask [O, I] (bool, broadcast over the S streams) on a backend's
+    (forward, backward) epilogue launchers."""
+    if g.dim() != 3 or mask.dtype != torch.bool or mask.shape != (g.shape[0], g.shape[2]):
+        raise ValueError(f"masked_streams: g must be [O, S, I] and mask a bool [O, I], got {tuple(g.shape)} and "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    return MaskedStreams.apply(g, mask.contiguous(), launchers)
