@@ -234,8 +234,19 @@ class Conv2d(Layer):
     def symmetric(self) -> bool:
         return self.padding[0] == self.padding[1] and self.padding[2] == self.padding[3]
 
+    @property
+    def subsamples(self) -> bool:
+        """A strided 1x1 convolution without padding (ResNet's projection shortcut): run as a subsample of
+        the input followed by a 1x1 convolution of stride 1, and transposed as the reverse. ATen's own
+        strided 1x1 kernels measured 3-8x slower on the CPU (16 -> 32 channels, 28x28 -> 14x14, B = 128,
+        2 threads: forward + backward 17.3 against 4.6 ms; the transpose 10.6 against 1.3 ms)."""
+        return self.kernel == (1, 1) and self.stride != (1, 1) and not any(self.padding)
+
     def _conv(self, x, weight, bias):
         """F.conv2d of x [N, C, H, W] with this layer's settings (asymmetric padding applied first)."""
+        if self.subsamples:
+            return F.conv2d(x[:, :, ::self.stride[0], ::self.stride[1]].contiguous(), weight, bias, 1, 0, 1,
+                            self.groups)
         if self.symmetric:
             return F.conv2d(x, weight, bias, self.stride, (self.padding[0], self.padding[2]), self.dilation,
                             self.groups)
@@ -268,6 +279,13 @@ class Conv2d(Layer):
         if saved.mask is not None:
             g, layout = scale_rows(g, layout, saved.mask, saved.out_layout, nproj, run.epilogue_launchers)
         height, width = saved.in_shape[-2:]
+        if self.subsamples:  # the 1x1 transpose, scattered onto the positions the forward sampled
+            g = to_members(g, layout)
+            small = stack_members([F.conv_transpose2d(g_m, w_m, None, 1, 0, 0, self.groups)
+                                   for g_m, w_m in zip(unbind_members(g), unbind_members(weight))])
+            full = small.new_zeros(*small.shape[:-2], height, width)
+            full[..., ::self.stride[0], ::self.stride[1]] = small
+            return full, "members"
         if self.symmetric:
             padding = (self.padding[0], self.padding[2])
             target = (height, width)

@@ -85,6 +85,20 @@ def no_bias():
                          nn.Linear(2 * 8 * 8, 6, bias=False), nn.ReLU(), nn.Linear(6, 5, bias=False))
 
 
+def strided_pointwise():
+    """Strided 1x1 convolutions (run as a subsample, then stride 1) on per-member activations: with a fused
+    ReLU (stride 3 over 28: the last pixel sampled), and with groups and no bias (stride 2 over 10: the
+    last pixel not sampled, its cotangent 0)."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1, stride=3), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, stride=1, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1, stride=2, groups=2, bias=False),
+                         nn.Flatten(), nn.Linear(4 * 5 * 5, 5))
+
+
+def strided_pointwise_on_input():
+    """On the shared input, stride (2, 3) over 28 x 28: the last row is not sampled, the last column is."""
+    return nn.Sequential(nn.Conv2d(1, 3, 1, stride=(2, 3)), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 14 * 10, 5))
+
+
 # name -> (builder, train mode, input shape)
 CASES = {
     **{f"{name}_{place.__name__}": (lambda act=act, place=place: place(act), False, (1, 28, 28))
@@ -102,6 +116,8 @@ CASES = {
     "grouped_conv_on_input": (grouped_conv_on_input, False, (2, 12, 12)),
     "same_padding": (same_padding, False, (1, 28, 28)),
     "no_bias": (no_bias, False, (1, 28, 28)),
+    "strided_pointwise": (strided_pointwise, False, (1, 28, 28)),
+    "strided_pointwise_on_input": (strided_pointwise_on_input, False, (1, 28, 28)),
 }
 # the full matrix of modes, targets, nproj and M for every kind in one layout; the other layouts of the
 # activations at M = 5, nproj = 3
