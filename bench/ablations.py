@@ -3,6 +3,8 @@
     python bench/ablations.py chain [threads]       MLP JR step: Linear-chain Function vs layer-by-layer engine
     python bench/ablations.py plain [threads]       MLP plain step on cpp: ChainLogits vs layer-by-layer engine
     python bench/ablations.py uap-passes [threads]  SGD-UAP, K = 4: passes sized to the cache vs one pass
+    python bench/ablations.py masks [threads]       JR vjp steps: ReLU masks on the epilogue launcher vs a float product
+    python bench/ablations.py subsample [threads]   ResNet-8 steps: strided 1x1 convs as subsample + stride 1 vs ATen's
 
 Both sides run in one process, interleaved (``fastjac.benchmark.measure_interleaved``), automatic backend.
 """
@@ -12,7 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
-from fastjac import backends, benchmark, ensemble
+from fastjac import backends, benchmark, ensemble, layers
+from fastjac.ops import stream_epilogue
 
 
 @contextmanager
@@ -38,6 +41,14 @@ def switched_off(step, capability, value):
             return step()
         finally:
             backends._built[name] = saved
+    return call
+
+
+def with_attribute(step, owner, name, value):
+    """``step`` with ``owner.name`` set to ``value`` while it runs."""
+    def call():
+        with patched(owner, name, value):
+            return step()
     return call
 
 
@@ -74,10 +85,33 @@ def uap_passes() -> None:
         for k in (1, 4):
             spec = benchmark.CaseSpec("uap", arch=arch, members=5, k=k, backend="auto")
             steps[f"{arch} K={k} cache-sized"] = benchmark.build(spec)
-            steps[f"{arch} K={k} one pass"] = switched_off(benchmark.build(spec), ensemble, "CPU_PASS_BYTES", 2**62)
+            steps[f"{arch} K={k} one pass"] = with_attribute(benchmark.build(spec), ensemble, "CPU_PASS_BYTES", 2**62)
         ms = report(steps, repeats=10 if arch == "lenet" else 30)
         for way in ("cache-sized", "one pass"):
             print(f"  {arch} {way}: K=4 / K=1 {ms[f'{arch} K=4 {way}'] / ms[f'{arch} K=1 {way}']:.2f}")
+
+
+def masks() -> None:
+    """The float product is what scale_rows did before masked_streams."""
+    product = lambda g, mask, launchers=None: g * mask.unsqueeze(1)  # noqa: E731
+    for arch, repeats in (("resnet", 10), ("lenet", 30), ("mlp", 40)):
+        spec = benchmark.CaseSpec("jr_vjp", arch=arch, members=5, backend="auto")
+        steps = {"launcher": benchmark.build(spec),
+                 "product": with_attribute(benchmark.build(spec), stream_epilogue, "masked_streams", product)}
+        ms = report(steps, repeats=repeats)
+        print(f"  {arch} vjp: launcher / product {ms['launcher'] / ms['product']:.3f}")
+
+
+def subsample() -> None:
+    """ATen's strided kernel is what Conv2d._conv ran before Conv2d.subsamples."""
+    steps = {}
+    for kind in ("plain", "jr_vjp", "jr_jvp"):
+        spec = benchmark.CaseSpec(kind, arch="resnet", members=5, backend="auto")
+        steps[f"{kind} subsample"] = benchmark.build(spec)
+        steps[f"{kind} strided"] = with_attribute(benchmark.build(spec), layers.Conv2d, "subsamples", property(lambda self: False))
+    ms = report(steps, repeats=8)
+    for kind in ("plain", "jr_vjp", "jr_jvp"):
+        print(f"  {kind}: subsample / strided {ms[f'{kind} subsample'] / ms[f'{kind} strided']:.3f}")
 
 
 def report(steps: dict, repeats: int) -> dict:
@@ -87,7 +121,7 @@ def report(steps: dict, repeats: int) -> dict:
 
 
 if __name__ == "__main__":
-    ABLATIONS = {"chain": chain, "plain": plain, "uap-passes": uap_passes}
+    ABLATIONS = {"chain": chain, "plain": plain, "uap-passes": uap_passes, "masks": masks, "subsample": subsample}
     if len(sys.argv) < 2 or sys.argv[1] not in ABLATIONS:
         sys.exit(f"usage: python bench/ablations.py {{{'|'.join(ABLATIONS)}}} [threads]")
     if len(sys.argv) > 2:
