@@ -470,6 +470,19 @@ def markdown_table(rows: list[dict], eps) -> str:
     return "\n".join(lines) + note + "\n"
 
 
+def measured_time(results: dict) -> str:
+    """The study's measured time: the sum of its runs' wall clocks (``seconds``: training, attack, test-set
+    evaluation and files) and of the attack check's; rows written before runs kept ``seconds`` count
+    their train + attack seconds, said as such. A resumed study's stops are not counted."""
+    rows, check = results["rows"], results.get("attack_check", [])
+    total = sum(row.get("seconds", row["train_seconds"] + row["attack_seconds"]) for row in rows)
+    total += sum(entry["seconds"] for entry in check)
+    untimed = sum("seconds" not in row for row in rows)
+    partial = f" ({untimed} of the runs without a wall clock: their train + attack seconds)" if untimed else ""
+    return (f"Measured time: {total / 60:.1f} min, the sum of {len(rows)} runs' wall clocks{partial}"
+            + (f" and {len(check)} attack checks" if check else "") + f" ({results['environment']['threads']} threads).")
+
+
 # Beyond this many configurations the point names overlap in plot_tradeoff; frontier.png is then the
 # readable view (a legend per method).
 NAMED_POINTS = 12
@@ -631,9 +644,10 @@ def _reproduce_locked(dataset, arch, preset, settings, out: Path, root, progress
                   flush=True)
         started = time.perf_counter()
         row = _run_one(config, seed, settings, arch, train_data, test_data, out, progress)
+        row["seconds"] = round(time.perf_counter() - started, 2)  # the whole run: train, attack, test, files
         results["rows"].append(row)
         done.add((config.name, seed))
-        pace.finished(config, time.perf_counter() - started)
+        pace.finished(config, row["seconds"])
         _io.atomic_write_text(results_path, json.dumps(results, indent=2))
         if progress:
             accuracies = ", ".join(f"ε={e}: {100 * a:.1f}%" for e, a in row["uap_accuracy"].items())
@@ -644,7 +658,7 @@ def _reproduce_locked(dataset, arch, preset, settings, out: Path, root, progress
     _io.atomic_write_text(results_path, json.dumps(results, indent=2))
     heading = f"fastjac reproduce: {dataset}, {arch}, preset {preset}"
     table = markdown_table(results["rows"], settings.eps)
-    _io.atomic_write_text(out / "results.md", f"# {heading}\n\n{table}")
+    _io.atomic_write_text(out / "results.md", f"# {heading}\n\n{table}\n{measured_time(results)}\n")
     plot_tradeoff(results["rows"], settings.eps, out / "tradeoff.png")
     files = "results.json, results.md, tradeoff.png, uaps/"
     if settings.frontier:

@@ -48,6 +48,10 @@ def test_smoke_outputs_and_schema(smoke_run):
     assert (out / "tradeoff.png").stat().st_size > 1000
     table = (out / "results.md").read_text()
     assert all(row["name"] in table for row in on_disk["rows"])
+    for row in on_disk["rows"]:  # the run's wall clock covers its training and attack
+        assert row["seconds"] >= row["train_seconds"] + row["attack_seconds"]
+    total = sum(row["seconds"] for row in on_disk["rows"]) / 60
+    assert f"Measured time: {total:.1f} min, the sum of {len(on_disk['rows'])} runs' wall clocks" in table
 
 
 def test_evaluate_reads_the_uap_files_reproduce_writes(smoke_run, tmp_path, capsys):
