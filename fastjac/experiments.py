@@ -88,15 +88,17 @@ PRESETS = {
                    je_ensemble_lambdas=(0.2,), mixed=((3, 0.2),), eps=_EPS, seeds=(0, 1, 2), train_samples=None,
                    test_samples=None, uap_samples=20000, uap_epochs=10),
     # The frontier study (issue 14), each sized to <= 90 min on this project's 2-core CPU when otherwise
-    # idle (estimate_seconds(): 85 min for frontier, 76 min for frontier-lenet from derived LeNet costs).
+    # idle (estimate_seconds(): 85 min for frontier, 74 min for frontier-lenet from measured LeNet costs).
     # SGD-UAP runs one epoch in several batch orders: one order settles within an epoch to a perturbation
     # set by its last batches, and orders differ (fit_uaps). On the MLP the orders' outcomes are bimodal
     # with a rare low mode (jr-0.01, seed 0, eps 0.15: 4 of 40 orders reach 56.4-56.7%, the others
     # 58.7-64.9%), so its attack runs 20 orders over 5,000 fit images rather than 10 over 10,000 (the same
     # cost): with 10 the attack check flagged jr-0.01 (59.3 -> 56.6 under 3x the epochs in 13 orders).
-    # LeNet's JR model showed no such tail (4 and 20 orders: the same accuracy within 0.3 points); its
-    # grid leaves out jr-1 and je-ensemble 0.005 (outside the JE points' clean range / next to the plain
-    # ensemble) to fit the 90 minutes. docs/results/frontier/attack-orders.md has the measurements.
+    # LeNet's JR model showed no such tail (4 and 20 orders: the same accuracy within 0.3 points), so its
+    # attack has 3 orders over 4,000 fit images; with its grid (jr-1 and je-ensemble 0.005 left out: below
+    # the JE points' clean range / next to the plain ensemble) and 20,000 training images it fits the 90
+    # minutes (its first run, 30,000 images, 4 orders over 5,000: ~2 min per ensemble run, ~114 min in all).
+    # docs/results/frontier/attack-orders.md has the measurements.
     # The attack check's models: the baseline, one JR model and one Jacobian Ensemble at the knee.
     "frontier-smoke": Preset(epochs=1, members=2, lambdas=(0.5,), je_lambdas=(0.5,), je_ensemble_lambdas=(0.5,),
                              mixed=_mixed_grid(2, (0.05, 0.5)), eps=(0.05, 0.1), seeds=(0, 1), train_samples=512,
@@ -109,8 +111,8 @@ PRESETS = {
                        wide_lambdas=(0.0, 0.005, 0.02, 0.05, 0.2), frontier=True, attack_check=AttackCheck(("baseline", "jr-0.01", "je-members-m5-0.01"))),
     "frontier-lenet": Preset(epochs=2, members=5, lambdas=(0.005, 0.02, 0.05, 0.2), je_lambdas=(0.005, 0.02, 0.2),
                              je_ensemble_lambdas=(0.02, 0.2), mixed=_mixed_grid(5, (0.02, 0.2)), eps=_EPS,
-                             seeds=(0, 1, 2), train_samples=30000, test_samples=None, uap_samples=5000, uap_epochs=1,
-                             uap_restarts=4, wide_lambdas=(0.0, 0.02, 0.2), frontier=True, arch="lenet",
+                             seeds=(0, 1, 2), train_samples=20000, test_samples=None, uap_samples=4000, uap_epochs=1,
+                             uap_restarts=3, wide_lambdas=(0.0, 0.02, 0.2), frontier=True, arch="lenet",
                              attack_check=AttackCheck(("baseline", "jr-0.02", "je-members-m5-0.02"))),
 }
 
@@ -204,11 +206,14 @@ class Costs:
 
 # MLP: the `full` preset rerun with the current code (docs/results/rerun-chain/results.json: train and
 # attack seconds averaged over seeds and over the configurations of each shape; 8 epochs, 20,000 x 10 UAP
-# fit). LeNet: the MLP values times the LeNet/MLP step-time ratios of bench/RESULTS.md table 1 (same
-# steps, 1 thread; not measured at 2 threads). A wide single model with ~F x a member's parameters (and
-# FLOPs) is costed as F members.
+# fit). LeNet: measured on the 35 runs of the first frontier-lenet run (2026-11-30; 30,000 training images,
+# 4 orders over 5,000 fit images; scripts/calibrate_costs.py): the median per kind; member_jr and
+# attack_member from the 5 runs made alone on the machine (12.5 and 3.24; all 22 and 25 runs: 11.8, 3.0),
+# the single-model values from runs beside other work (so if anything high). They are 1.2-1.7x the values
+# derived from the MLP's before, which had put that preset at 82 min; it took ~2 min per ensemble run.
+# A wide single model with ~F x a member's parameters (and FLOPs) is costed as F members.
 COSTS = {"mlp": Costs(single=1.45, single_jr=2.77, member=0.86, member_jr=1.61, attack_single=0.41, attack_member=0.28),
-         "lenet": Costs(single=6.6, single_jr=18.2, member=4.15, member_jr=8.6, attack_single=3.7, attack_member=2.03)}
+         "lenet": Costs(single=7.8, single_jr=25.1, member=4.76, member_jr=12.5, attack_single=6.4, attack_member=3.24)}
 JOB_OVERHEAD_SECONDS = 2.0         # per run: test-set evaluation, UAP image, checkpoints (a rough allowance)
 # Evaluating K perturbations on the fit set (to choose among batch orders) against one SGD-UAP epoch over
 # it: (K + 1) inference row blocks against K forward + input-gradient ones (bench/RESULTS.md table 1, MLP
