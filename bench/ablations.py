@@ -108,7 +108,8 @@ def subsample() -> None:
     for kind in ("plain", "jr_vjp", "jr_jvp"):
         spec = benchmark.CaseSpec(kind, arch="resnet", members=5, backend="auto")
         steps[f"{kind} subsample"] = benchmark.build(spec)
-        steps[f"{kind} strided"] = with_attribute(benchmark.build(spec), layers.Conv2d, "subsamples", property(lambda self: False))
+        steps[f"{kind} strided"] = with_attribute(benchmark.build(spec), layers.Conv2d, "subsamples",
+                                                  property(lambda self: False))
     ms = report(steps, repeats=8)
     for kind in ("plain", "jr_vjp", "jr_jvp"):
         print(f"  {kind}: subsample / strided {ms[f'{kind} subsample'] / ms[f'{kind} strided']:.3f}")

@@ -38,7 +38,8 @@ def main() -> None:
         if config.members == 0 and not config.arch_kwargs:
             size, train_kind, attack_kind = 1.0, "single_jr" if regularized else "single", "attack_single"
         else:
-            size = config.members or experiments.parameter_count(arch, **config.arch_kwargs) / experiments.parameter_count(arch)
+            wide = experiments.parameter_count(arch, **config.arch_kwargs) / experiments.parameter_count(arch)
+            size = config.members or wide
             train_kind, attack_kind = "member_jr" if regularized else "member", "attack_member"
         samples[train_kind].append(row["train_seconds"] / epochs / size)
         samples[attack_kind].append(row["attack_seconds"] / attack / size)

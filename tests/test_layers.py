@@ -90,7 +90,7 @@ def strided_pointwise():
     ReLU (stride 3 over 28: the last pixel sampled), and with groups and no bias (stride 2 over 10: the
     last pixel not sampled, its cotangent 0)."""
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1, stride=3), nn.ReLU(),
-                         nn.Conv2d(4, 4, 3, stride=1, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1, stride=2, groups=2, bias=False),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1, stride=2, groups=2, bias=False),
                          nn.Flatten(), nn.Linear(4 * 5 * 5, 5))
 
 
