@@ -221,24 +221,32 @@ JOB_OVERHEAD_SECONDS = 2.0         # per run: test-set evaluation, UAP image, ch
 FIT_EVALUATION_FRACTION = 0.66
 
 
+def cost_terms(config: Configuration, preset: Preset, arch: str, attack_epochs: int, orders: int) -> dict:
+    """What the cost model multiplies each of a run's two ``Costs`` constants by: {constant name: factor}
+    for training ``config`` (epochs of 60,000 images times members or width) and attacking it for
+    ``attack_epochs`` SGD-UAP epochs in each of ``orders`` batch orders (0 epochs: training only; with
+    several orders, the fit-set evaluation that chooses among them)."""
+    lam = config.jr_lambda if isinstance(config.jr_lambda, list) else [config.jr_lambda]
+    regularized = any(value > 0 for value in lam)
+    if config.members == 0 and not config.arch_kwargs:
+        size, train, attack = 1.0, "single_jr" if regularized else "single", "attack_single"
+    else:
+        size = config.members or parameter_count(arch, **config.arch_kwargs) / parameter_count(arch)
+        train, attack = "member_jr" if regularized else "member", "attack_member"
+    train_epochs = preset.epochs * (preset.train_samples or 60000) / 60000
+    choosing = FIT_EVALUATION_FRACTION if orders > 1 and attack_epochs else 0.0
+    attack_epochs = orders * (attack_epochs + choosing) * preset.uap_samples / 10000 * len(preset.eps) / 3
+    return {train: train_epochs * size, attack: attack_epochs * size}
+
+
 def _job_seconds(config: Configuration, preset: Preset, arch: str, attack_epochs: int, orders: int) -> float | None:
     """Estimated seconds of training ``config`` and attacking it for ``attack_epochs`` SGD-UAP epochs in
     each of ``orders`` batch orders (0 epochs: training only), or None without costs for ``arch``."""
     costs = COSTS.get(arch)
     if costs is None:
         return None
-    lam = config.jr_lambda if isinstance(config.jr_lambda, list) else [config.jr_lambda]
-    regularized = any(value > 0 for value in lam)
-    if config.members == 0 and not config.arch_kwargs:
-        train_cost, attack_cost = (costs.single_jr if regularized else costs.single), costs.attack_single
-    else:
-        size = config.members or parameter_count(arch, **config.arch_kwargs) / parameter_count(arch)
-        train_cost = size * (costs.member_jr if regularized else costs.member)
-        attack_cost = size * costs.attack_member
-    train_epochs = preset.epochs * (preset.train_samples or 60000) / 60000
-    choosing = FIT_EVALUATION_FRACTION if orders > 1 and attack_epochs else 0.0
-    attack = orders * (attack_epochs + choosing) * preset.uap_samples / 10000 * len(preset.eps) / 3 * attack_cost
-    return train_epochs * train_cost + attack
+    terms = cost_terms(config, preset, arch, attack_epochs, orders)
+    return sum(getattr(costs, name) * factor for name, factor in terms.items())
 
 
 def estimate_seconds(preset: Preset, arch: str, done=frozenset()) -> float | None:

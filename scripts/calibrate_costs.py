@@ -1,6 +1,6 @@
 """experiments.COSTS from a reproduce run: each run's train and attack seconds divided by what the cost
-model multiplies that kind's constant by (epochs of 60,000 images, members or width; orders, fit images
-and the fit-set evaluation), the median per kind.
+model multiplies that kind's constant by (``experiments.cost_terms`` at the run's own sizes), the median
+per kind.
 
     python scripts/calibrate_costs.py RUN_DIR [--from N]
 
@@ -14,6 +14,8 @@ from pathlib import Path
 
 from fastjac import experiments
 
+SIZES = ("epochs", "train_samples", "uap_samples", "uap_epochs", "uap_restarts", "eps")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -22,27 +24,19 @@ def main() -> None:
     args = parser.parse_args()
     results = json.loads((args.run / "results.json").read_text())
     study = results["study"]
-    preset, arch = experiments.PRESETS[study["preset"]], study["arch"]
-    settings = study["settings"]  # the run's own sizes (the preset may have changed since)
+    arch = study["arch"]
+    # the run's own sizes (the preset may have changed since)
+    preset = dataclasses.replace(experiments.PRESETS[study["preset"]], **{k: study["settings"][k] for k in SIZES})
     configs = {c.name: c for c in experiments.configurations(preset, arch)}
-    epochs = settings["epochs"] * (settings["train_samples"] or 60000) / 60000
-    attack = (settings["uap_restarts"] * (settings["uap_epochs"] + experiments.FIT_EVALUATION_FRACTION)
-              * settings["uap_samples"] / 10000 * len(settings["eps"]) / 3)
-    samples = {name: [] for name in (field.name for field in dataclasses.fields(experiments.Costs))}
+    samples = {field.name: [] for field in dataclasses.fields(experiments.Costs)}
     for row in results["rows"][args.first:]:
         config = configs.get(row["name"])
         if config is None:  # a configuration the preset no longer has
             continue
-        lam = config.jr_lambda if isinstance(config.jr_lambda, list) else [config.jr_lambda]
-        regularized = any(value > 0 for value in lam)
-        if config.members == 0 and not config.arch_kwargs:
-            size, train_kind, attack_kind = 1.0, "single_jr" if regularized else "single", "attack_single"
-        else:
-            wide = experiments.parameter_count(arch, **config.arch_kwargs) / experiments.parameter_count(arch)
-            size = config.members or wide
-            train_kind, attack_kind = "member_jr" if regularized else "member", "attack_member"
-        samples[train_kind].append(row["train_seconds"] / epochs / size)
-        samples[attack_kind].append(row["attack_seconds"] / attack / size)
+        terms = experiments.cost_terms(config, preset, arch, preset.uap_epochs, preset.uap_restarts)
+        (train, train_factor), (attack, attack_factor) = terms.items()
+        samples[train].append(row["train_seconds"] / train_factor)
+        samples[attack].append(row["attack_seconds"] / attack_factor)
     for name, values in samples.items():
         median = f"{statistics.median(values):.2f}" if values else "-"
         print(f"{name:14s} {median:>7s}  ({len(values)} runs)")
