@@ -88,7 +88,7 @@ PRESETS = {
                    je_ensemble_lambdas=(0.2,), mixed=((3, 0.2),), eps=_EPS, seeds=(0, 1, 2), train_samples=None,
                    test_samples=None, uap_samples=20000, uap_epochs=10),
     # The frontier study (issue 14), each sized to <= 90 min on this project's 2-core CPU when otherwise
-    # idle (estimate_seconds(): 85 min for frontier, 74 min for frontier-lenet from measured LeNet costs).
+    # idle (estimate_seconds(): 85 min for frontier; frontier-lenet: 74 min estimated, 73.8 min measured on its run).
     # SGD-UAP runs one epoch in several batch orders: one order settles within an epoch to a perturbation
     # set by its last batches, and orders differ (fit_uaps). On the MLP the orders' outcomes are bimodal
     # with a rare low mode (jr-0.01, seed 0, eps 0.15: 4 of 40 orders reach 56.4-56.7%, the others
