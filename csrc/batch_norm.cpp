@@ -1,4 +1,4 @@
-// BatchNorm with batch statistics on the stacked engine's rows, on the CPU: three of the four launchers
+// BatchNorm with batch statistics on the stacked engine's rows, on the CPU: five of the six launchers
 // of fastjac/ops/batch_norm.py (the same math and signatures; see there), each one pass per reduction and
 // one per output over every (member, channel), instead of ATen's separate products, sums and temporaries.
 // Measured against ATen's launchers on ResNet-8's shapes (M = 5, B = 128, 2 threads): the linearization
@@ -15,9 +15,12 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 namespace fastjac {
 namespace {
@@ -204,6 +207,185 @@ void linearization_backward_kernel(const at::Tensor& g, const at::Tensor& t, con
   });
 }
 
+
+// The jvp mode's whole layer (streams_forward / streams_backward of fastjac/ops/batch_norm.py, the math
+// there): one item per (member, channel) holds the primal rows and every tangent stream of that channel,
+// so its passes after the first read data still in cache, where separate launchers each stream the whole
+// activation. x_hat is recomputed as (x - mean) * inv_std, never stored. The per-item coefficients are
+// in double; y and the gradients are affine in the rows they read, each row one vectorized loop.
+template <typename scalar_t>
+void streams_forward_kernel(const at::Tensor& x, const scalar_t* gp, const scalar_t* bp, double eps, at::Tensor& y,
+                            at::Tensor& mean, at::Tensor& var, at::Tensor& inv_std, at::Tensor& mean_t,
+                            at::Tensor& mean_tx) {
+  const int64_t S = x.size(0), B = x.size(1), M = x.size(2), C = x.size(3), L = x.size(4);
+  const double count = static_cast<double>(B * L);
+  const Rows xr = rows_of(x), yr = rows_of(y);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  scalar_t *mp = mean.data_ptr<scalar_t>(), *vp = var.data_ptr<scalar_t>(), *ip = inv_std.data_ptr<scalar_t>();
+  scalar_t *atp = mean_t.data_ptr<scalar_t>(), *btp = mean_tx.data_ptr<scalar_t>();
+  at::parallel_for(0, M * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> sum_t(S), sum_tc(S), a(S), b(S);
+    for (int64_t mc = begin; mc < end; ++mc) {
+      const int64_t m = mc / C, c = mc % C;
+      const scalar_t* x0 = xp + m * xr.m + c * xr.c;
+      double sum = 0;
+      for (int64_t r = 0; r < B; ++r) {
+        const scalar_t* row = x0 + r * xr.b;
+        scalar_t row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
+        for (int64_t l = 0; l < L; ++l) row_sum += row[l];
+        sum += row_sum;
+      }
+      const double mu = sum / count;
+      const scalar_t mu_s = static_cast<scalar_t>(mu);
+      // the centered second moment, and each tangent stream's sums of t and t * (x - mean), in one pass
+      double sum_cc = 0;
+      std::fill(sum_t.begin(), sum_t.end(), 0.0);
+      std::fill(sum_tc.begin(), sum_tc.end(), 0.0);
+      for (int64_t r = 0; r < B; ++r) {
+        const scalar_t* row = x0 + r * xr.b;
+        scalar_t row_cc = 0;
+#pragma omp simd reduction(+ : row_cc)
+        for (int64_t l = 0; l < L; ++l) row_cc += (row[l] - mu_s) * (row[l] - mu_s);
+        sum_cc += row_cc;
+        for (int64_t s = 1; s < S; ++s) {
+          const scalar_t* tt = row + s * xr.s;
+          scalar_t row_t = 0, row_tc = 0;
+#pragma omp simd reduction(+ : row_t, row_tc)
+          for (int64_t l = 0; l < L; ++l) {
+            row_t += tt[l];
+            row_tc += tt[l] * (row[l] - mu_s);
+          }
+          sum_t[s] += row_t;
+          sum_tc[s] += row_tc;
+        }
+      }
+      const double v = sum_cc / count, inv = 1.0 / std::sqrt(v + eps);
+      const double gamma = gp ? static_cast<double>(gp[mc]) : 1.0, beta = bp ? static_cast<double>(bp[mc]) : 0.0;
+      const double k = gamma * inv;  // y0 = k * (x - mu) + beta; y_s = k * (t - a - x_hat * b)
+      for (int64_t s = 1; s < S; ++s) {
+        a[s] = sum_t[s] / count;
+        b[s] = inv * sum_tc[s] / count;
+        atp[(s - 1) * M * C + mc] = static_cast<scalar_t>(a[s]);
+        btp[(s - 1) * M * C + mc] = static_cast<scalar_t>(b[s]);
+      }
+      mp[mc] = mu_s;
+      vp[mc] = static_cast<scalar_t>(v);
+      ip[mc] = static_cast<scalar_t>(inv);
+      const scalar_t k0 = static_cast<scalar_t>(k), c0 = static_cast<scalar_t>(beta - k * mu);
+      for (int64_t r = 0; r < B; ++r) {
+        const scalar_t* row = x0 + r * xr.b;
+        scalar_t* out = yp + m * yr.m + c * yr.c + r * yr.b;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) out[l] = k0 * row[l] + c0;
+        for (int64_t s = 1; s < S; ++s) {
+          const scalar_t* tt = row + s * xr.s;
+          scalar_t* ot = out + s * yr.s;
+          const scalar_t slope = static_cast<scalar_t>(-k * inv * b[s]);
+          const scalar_t shift = static_cast<scalar_t>(-k * a[s] + k * inv * b[s] * mu);
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) ot[l] = k0 * tt[l] + slope * row[l] + shift;
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void streams_backward_kernel(const at::Tensor& g, const at::Tensor& x, const scalar_t* mp, const scalar_t* ip,
+                             const scalar_t* gp, const scalar_t* atp, const scalar_t* btp, at::Tensor& grad_x,
+                             scalar_t* ggp, scalar_t* gbp) {
+  const int64_t S = x.size(0), B = x.size(1), M = x.size(2), C = x.size(3), L = x.size(4);
+  const double count = static_cast<double>(B * L);
+  const Rows xr = rows_of(x), gr = rows_of(g), orr = rows_of(grad_x);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* gyp = g.data_ptr<scalar_t>();
+  scalar_t* op = grad_x.data_ptr<scalar_t>();
+  at::parallel_for(0, M * C, 1, [&](int64_t begin, int64_t end) {
+    // per stream s >= 1: sums of g, g * (x - mean), g * t; then the coefficients of grad_t and grad_x
+    std::vector<double> sum_g(S), sum_gc(S), sum_gt(S);
+    std::vector<scalar_t> kt_shift(S), kt_slope(S), kx_g(S), kx_t(S);
+    for (int64_t mc = begin; mc < end; ++mc) {
+      const int64_t m = mc / C, c = mc % C;
+      const double mu = mp[mc], inv = ip[mc], gamma = gp ? static_cast<double>(gp[mc]) : 1.0;
+      const scalar_t mu_s = mp[mc];
+      const scalar_t* x0 = xp + m * xr.m + c * xr.c;
+      const scalar_t* g0 = gyp + m * gr.m + c * gr.c;
+      std::fill(sum_g.begin(), sum_g.end(), 0.0);
+      std::fill(sum_gc.begin(), sum_gc.end(), 0.0);
+      std::fill(sum_gt.begin(), sum_gt.end(), 0.0);
+      for (int64_t r = 0; r < B; ++r) {
+        const scalar_t* row = x0 + r * xr.b;
+        for (int64_t s = 0; s < S; ++s) {
+          const scalar_t* gg = g0 + r * gr.b + s * gr.s;
+          const scalar_t* tt = row + s * xr.s;
+          scalar_t row_g = 0, row_gc = 0, row_gt = 0;
+          if (s == 0) {
+#pragma omp simd reduction(+ : row_g, row_gc)
+            for (int64_t l = 0; l < L; ++l) {
+              row_g += gg[l];
+              row_gc += gg[l] * (row[l] - mu_s);
+            }
+          } else {
+#pragma omp simd reduction(+ : row_g, row_gc, row_gt)
+            for (int64_t l = 0; l < L; ++l) {
+              row_g += gg[l];
+              row_gc += gg[l] * (row[l] - mu_s);
+              row_gt += gg[l] * tt[l];
+            }
+          }
+          sum_g[s] += row_g;
+          sum_gc[s] += row_gc;
+          sum_gt[s] += row_gt;
+        }
+      }
+      // x_hat sums: sum(g * x_hat) = inv * sum(g * (x - mean))
+      const double sum_g0 = sum_g[0], sum_g0x = inv * sum_gc[0];
+      double e = 0, mean_big_g = gamma * sum_g0 / count, mean_big_gx = gamma * sum_g0x / count;
+      for (int64_t s = 1; s < S; ++s) {
+        const double a = atp[(s - 1) * M * C + mc], b = btp[(s - 1) * M * C + mc];
+        const double sum_gx = inv * sum_gc[s], cs = sum_gx / count;
+        e += (sum_gt[s] - a * sum_g[s] - b * sum_gx) / count;
+        mean_big_g -= gamma * inv * (b * sum_g[s] / count + cs * a);
+        mean_big_gx -= 2 * gamma * inv * b * cs;
+        // grad_t = gamma * inv * (g - mean(g) - (x - mean) * inv * c)
+        kt_slope[s] = static_cast<scalar_t>(-gamma * inv * inv * cs);
+        kt_shift[s] = static_cast<scalar_t>(-gamma * inv * sum_g[s] / count + gamma * inv * inv * cs * mu);
+        // grad_x's terms in the tangent rows: -gamma * inv^2 * (b * g + c * t)
+        kx_g[s] = static_cast<scalar_t>(-gamma * inv * inv * b);
+        kx_t[s] = static_cast<scalar_t>(-gamma * inv * inv * cs);
+      }
+      if (ggp) {
+        ggp[mc] = static_cast<scalar_t>(sum_g0x + inv * count * e);
+        gbp[mc] = static_cast<scalar_t>(sum_g0);
+      }
+      // grad_x = gamma * inv * g0 + tangent terms + slope * x + shift
+      const double slope = -inv * (inv * mean_big_gx + gamma * inv * inv * e);
+      const scalar_t k = static_cast<scalar_t>(gamma * inv), slope_s = static_cast<scalar_t>(slope),
+                     shift = static_cast<scalar_t>(-inv * mean_big_g - slope * mu);
+      for (int64_t r = 0; r < B; ++r) {
+        const scalar_t* row = x0 + r * xr.b;
+        const scalar_t* gg0 = g0 + r * gr.b;
+        scalar_t* out = op + m * orr.m + c * orr.c + r * orr.b;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) out[l] = k * gg0[l] + slope_s * row[l] + shift;
+        for (int64_t s = 1; s < S; ++s) {
+          const scalar_t* gg = gg0 + s * gr.s;
+          const scalar_t* tt = row + s * xr.s;
+          scalar_t* ot = out + s * orr.s;
+          const scalar_t pg = kx_g[s], pt = kx_t[s], ts = kt_slope[s], tsh = kt_shift[s];
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) {
+            out[l] += pg * gg[l] + pt * tt[l];
+            ot[l] = k * gg[l] + ts * row[l] + tsh;
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 }  // namespace fastjac
 
@@ -280,4 +462,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_linearization_backward
                                             grad_scale);
   });
   return {grad_t, grad_x_hat, grad_scale};
+}
+
+
+namespace {
+
+void check_affine(const c10::optional<at::Tensor>& t, const at::Tensor& like, int64_t M, int64_t C, const char* op,
+                  const char* name) {
+  if (!t.has_value()) return;
+  check_channels(*t, M, C, op, name);
+  check_same(like, *t, op, name);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_streams_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta, double eps) {
+  constexpr const char* op = "batch_norm_streams_forward";
+  check_rows(x, 5, op, "x");
+  TORCH_CHECK(gamma.has_value() == beta.has_value(), op, ": gamma and beta must be given together");
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  const int64_t S = x.size(0), M = x.size(2), C = x.size(3);
+  TORCH_CHECK(S >= 1 && x.size(1) >= 1 && x.size(4) >= 1, op, ": x must have rows, got ", x.sizes());
+  check_affine(gamma, x, M, C, op, "gamma");
+  check_affine(beta, x, M, C, op, "beta");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({M, C, 1}, x.options()), var = at::empty_like(mean), inv_std = at::empty_like(mean);
+  at::Tensor mean_t = at::empty({S - 1, 1, M, C, 1}, x.options()), mean_tx = at::empty_like(mean_t);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    streams_forward_kernel<scalar_t>(x, gamma.has_value() ? gamma->data_ptr<scalar_t>() : nullptr,
+                                     beta.has_value() ? beta->data_ptr<scalar_t>() : nullptr, eps, y, mean, var,
+                                     inv_std, mean_t, mean_tx);
+  });
+  return {y, mean, var, inv_std, mean_t, mean_tx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_streams_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& inv_std,
+    const c10::optional<at::Tensor>& gamma, const at::Tensor& mean_t, const at::Tensor& mean_tx) {
+  constexpr const char* op = "batch_norm_streams_backward";
+  check_rows(grad_y, 5, op, "grad_y");
+  check_rows(x, 5, op, "x");
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must be ", x.sizes(), " like x, got ", grad_y.sizes());
+  const int64_t S = x.size(0), M = x.size(2), C = x.size(3);
+  for (const auto& [tensor, name] : {std::pair<const at::Tensor&, const char*>{x, "x"}, {mean, "mean"},
+                                     {inv_std, "inv_std"}, {mean_t, "mean_t"}, {mean_tx, "mean_tx"}}) {
+    check_same(grad_y, tensor, op, name);
+  }
+  check_channels(mean, M, C, op, "mean");
+  check_channels(inv_std, M, C, op, "inv_std");
+  check_affine(gamma, grad_y, M, C, op, "gamma");
+  if (S > 1) {
+    check_channels(mean_t, M, C, op, "mean_t", S - 1);
+    check_channels(mean_tx, M, C, op, "mean_tx", S - 1);
+  }
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_gamma = at::empty({M, C, 1}, x.options()), grad_beta = at::empty_like(grad_gamma);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    streams_backward_kernel<scalar_t>(grad_y, x, mean.data_ptr<scalar_t>(), inv_std.data_ptr<scalar_t>(),
+                                      gamma.has_value() ? gamma->data_ptr<scalar_t>() : nullptr,
+                                      S > 1 ? mean_t.data_ptr<scalar_t>() : nullptr,
+                                      S > 1 ? mean_tx.data_ptr<scalar_t>() : nullptr, grad_x,
+                                      grad_gamma.data_ptr<scalar_t>(), grad_beta.data_ptr<scalar_t>());
+  });
+  return {grad_x, grad_gamma, grad_beta};
 }

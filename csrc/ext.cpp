@@ -28,6 +28,10 @@ TORCH_LIBRARY(fastjac, m) {
   m.def("batch_norm_linearization_forward(Tensor t, Tensor x_hat, Tensor scale) -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_linearization_backward(Tensor grad_out, Tensor t, Tensor x_hat, Tensor scale, Tensor mean_t, "
         "Tensor mean_tx) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_streams_forward(Tensor x, Tensor? gamma, Tensor? beta, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("batch_norm_streams_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor inv_std, Tensor? gamma, "
+        "Tensor mean_t, Tensor mean_tx) -> (Tensor, Tensor, Tensor)");
   // CUDA only (csrc/cuda_ops.cpp): clamp(delta + step_k * sign(grad), -eps_k, eps_k), float32
   m.def("uap_step(Tensor delta, Tensor grad, Tensor step, Tensor eps) -> Tensor");
 }
@@ -41,6 +45,8 @@ TORCH_LIBRARY_IMPL(fastjac, CPU, m) {
   m.impl("batch_norm_statistics_backward", &batch_norm_statistics_backward);
   m.impl("batch_norm_linearization_forward", &batch_norm_linearization_forward);
   m.impl("batch_norm_linearization_backward", &batch_norm_linearization_backward);
+  m.impl("batch_norm_streams_forward", &batch_norm_streams_forward);
+  m.impl("batch_norm_streams_backward", &batch_norm_streams_backward);
 }
 
 namespace py = pybind11;

@@ -88,3 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_linearization_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_linearization_backward(
     const at::Tensor& grad_out, const at::Tensor& t, const at::Tensor& x_hat, const at::Tensor& scale,
     const at::Tensor& mean_t, const at::Tensor& mean_tx);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_streams_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_streams_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& inv_std,
+    const c10::optional<at::Tensor>& gamma, const at::Tensor& mean_t, const at::Tensor& mean_tx);

@@ -785,25 +785,27 @@ class BatchNorm(Layer):
             return from_channel_streams(out.view(1, *x.shape[1:]), layout, features) + (None,)
         gamma3 = None if gamma is None else gamma.view(members, -1, 1)
         beta3 = None if beta is None else beta.view(members, -1, 1)
-        x0, xt = _split_streams(h, x, layout, streams)
-        if self.batch_statistics:
-            launchers = run.backend.batch_norm
-            x_hat, inv_std, mean, var = batch_norm_op.batch_statistics(x0, self.eps, launchers)
+        launchers = run.backend.batch_norm
+        if self.batch_statistics and streams > 1:  # jvp mode: every stream in one Function, nothing saved
+            y, mean, var = batch_norm_op.normalized_streams(x, gamma3, beta3, self.eps, launchers)
+            self._update(run, mean, var, batch * x.shape[-1])
+            return from_channel_streams(y, layout, features) + (None,)
+        if self.batch_statistics:  # one stream, the cotangent chain's tape: the transpose needs x_hat
+            x_hat, inv_std, mean, var = batch_norm_op.batch_statistics(x.squeeze(0), self.eps, launchers)
             self._update(run, mean, var, batch * x.shape[-1])
             scale = inv_std if gamma3 is None else inv_std * gamma3
-            primal = x_hat if gamma3 is None else torch.addcmul(beta3, x_hat, gamma3)
-            tangents = batch_norm_op.normalized_linearization(xt, x_hat, scale, launchers) if streams > 1 else None
+            out = (x_hat if gamma3 is None else torch.addcmul(beta3, x_hat, gamma3)).unsqueeze(0)
             saved = BatchNormSaved(scale, x_hat)
-        else:  # a per-channel affine map: the extra rows are only scaled
+        else:  # a per-channel affine map: the extra rows are only scaled (the shift is stream 0's)
             running_mean, running_var, _ = self._running(run)
             scale = torch.rsqrt(running_var.view(members, -1, 1) + self.eps)
             scale = scale if gamma3 is None else scale * gamma3
             shift = -running_mean.view(members, -1, 1) * scale
             shift = shift if beta3 is None else shift + beta3
-            primal = torch.addcmul(shift, x0, scale)
-            tangents = xt * scale if streams > 1 else None
+            shifts = torch.cat([shift.unsqueeze(0), shift.new_zeros(streams - 1, *shift.shape)]).unsqueeze(1)
+            out = torch.addcmul(shifts, x, scale)
             saved = BatchNormSaved(scale)
-        return from_channel_streams(_join_streams(primal, tangents, layout), layout, features) + (saved,)
+        return from_channel_streams(out, layout, features) + (saved,)
 
     def transpose(self, run, saved, g, layout, nproj, batch):
         features = tuple(g.shape[2:])
@@ -813,34 +815,6 @@ class BatchNorm(Layer):
         else:
             out = batch_norm_op.normalized_linearization(g5, saved.x_hat, saved.scale, run.backend.batch_norm)
         return from_channel_streams(out, layout, features)
-
-
-def _split_streams(h: torch.Tensor, x: torch.Tensor, layout: str, streams: int):
-    """The primal rows [B, M, C, L] and the tangent rows [S-1, B, M, C, L] (None for one stream) of x =
-    channel_streams(h, ...). A split, not x[0] and x[1:] (whose backwards would each fill a zero tensor of
-    x's size, then add), and along the streams axis of h's own memory order, so that the gradient the
-    split's backward joins comes out in h's layout (a members gradient in the rows order would be copied
-    again by every per-member convolution's backward)."""
-    if streams == 1:  # squeeze, not [0]: a view, whose backward is one too
-        return x.squeeze(0), None
-    if layout != "members":
-        x0, xt = x.split([1, streams - 1])
-        return x0.squeeze(0), xt
-    members, rows = h.shape[:2]
-    x0, xt = h.reshape(members, streams, rows // streams, *x.shape[-2:]).split([1, streams - 1], dim=1)
-    return x0.squeeze(1).transpose(0, 1), xt.permute(1, 2, 0, 3, 4)
-
-
-def _join_streams(primal: torch.Tensor, tangents: torch.Tensor | None, layout: str) -> torch.Tensor:
-    """[S, B, M, C, L] from the primal rows [B, M, C, L] and the tangent rows [S-1, B, M, C, L], in the memory
-    order of ``layout``'s tensors (members: M outermost), so that from_channel_streams is a view."""
-    if tangents is None:
-        return primal.unsqueeze(0)
-    if layout != "members":
-        return torch.cat([primal.unsqueeze(0), tangents])
-    members_first = (2, 0, 1, 3, 4)
-    joined = torch.cat([primal.unsqueeze(0).permute(members_first), tangents.permute(members_first)], dim=1)
-    return joined.permute(1, 2, 0, 3, 4)
 
 
 def _unbind(t: torch.Tensor | None, members: int) -> list:

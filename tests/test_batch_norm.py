@@ -159,3 +159,104 @@ def test_native_ops_name_bad_input():
         ops.batch_norm_linearization_forward(x.unsqueeze(0), x_hat, inv_std[:1])
     with pytest.raises(RuntimeError, match="x_hat must be Double"):
         ops.batch_norm_linearization_forward(x.unsqueeze(0), x_hat.float(), inv_std)
+
+
+# ---- the jvp mode's whole layer: primal rows and tangent streams in one Function ----
+
+def plain_streams(x, gamma, beta):
+    """normalized_streams by plain differentiable expressions: BatchNorm of x[0], the linearization of x[1:]."""
+    x0 = x[0]
+    mean = x0.mean(dim=(0, 3), keepdim=True)
+    inv_std = torch.rsqrt(x0.var(dim=(0, 3), keepdim=True, correction=0) + EPS)
+    x_hat = (x0 - mean) * inv_std
+    scale = inv_std if gamma is None else inv_std * gamma
+    primal = x_hat if gamma is None else x_hat * gamma + beta
+    return torch.cat([primal.unsqueeze(0), plain_linearization(x[1:], x_hat, scale)])
+
+
+def stream_rows(shape, streams, seed, layout):
+    """[S, B, M, C, L] rows as the engine hands them: contiguous ("rows"), a permuted view of [M, S, B, C, L]
+    ("members"), or one member's rows expanded over M ("shared")."""
+    b, m, c, length = shape
+    if layout == "members":
+        return rows((m, streams, b, c, length), seed).permute(1, 2, 0, 3, 4) * 2 + 0.5
+    if layout == "shared":
+        return (rows((streams, b, 1, c, length), seed) * 2 + 0.5).expand(-1, -1, m, -1, -1)
+    return rows((streams, *shape), seed) * 2 + 0.5
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 3, 7), (4, 1, 2, 1), (2, 3, 1, 5)])
+@pytest.mark.parametrize("streams", [1, 2, 4])
+@pytest.mark.parametrize("layout", ["rows", "members", "shared"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_normalized_streams_match_plain_expressions_and_gradients(shape, streams, layout, affine, launchers):
+    x = stream_rows(shape, streams, 50, layout).requires_grad_(True)
+    gamma = (rows((shape[1], shape[2], 1), 51) + 1.5).requires_grad_(True) if affine else None
+    beta = rows((shape[1], shape[2], 1), 52).requires_grad_(True) if affine else None
+    y, mean, var = op.normalized_streams(x, gamma, beta, EPS, launchers)
+    expected = plain_streams(x, gamma, beta)
+    assert_close(y, expected, rtol=1e-11, atol=1e-11, name="y")
+    assert y.stride() == x.stride() or layout == "shared"  # x's memory order: the engine's view stays a view
+    assert_close(mean, x[0].mean(dim=(0, 3)).unsqueeze(-1), rtol=1e-12, atol=1e-12, name="mean")
+    assert_close(var, x[0].var(dim=(0, 3), correction=0).unsqueeze(-1), rtol=1e-12, atol=1e-12, name="var")
+    upstream = rows(y.shape, 53)
+    inputs = (x, gamma, beta) if affine else (x,)
+    got = torch.autograd.grad((y * upstream).sum(), inputs)
+    want = torch.autograd.grad((expected * upstream).sum(), inputs)
+    for name, a, e in zip(("x", "gamma", "beta"), got, want):
+        assert_close(a, e, rtol=1e-9, atol=1e-10, name=f"d/d{name}")
+
+
+def test_gradcheck_normalized_streams(launchers):
+    x = (rows((3, 3, 2, 2, 4), 60) * 2 + 0.5).requires_grad_(True)
+    gamma = (rows((2, 2, 1), 61) + 1.5).requires_grad_(True)
+    beta = rows((2, 2, 1), 62).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: op.normalized_streams(*a, EPS, launchers)[0], (x, gamma, beta))
+    assert torch.autograd.gradcheck(lambda a: op.normalized_streams(a, None, None, EPS, launchers)[0], (x[:2],))
+
+
+@needs_extension
+@pytest.mark.parametrize("streams", [1, 3])
+def test_native_streams_match_aten_in_float32(streams):
+    """The C++ streams launchers against ATen's on float32 rows in the engine's member layout, every output."""
+    native_ops = op.native_launchers(native.OPS)
+    b, m, c, length = 16, 2, 4, 49
+    x = rows((m, streams, b, c, length), 70, torch.float32).permute(1, 2, 0, 3, 4) * 2 + 1
+    gamma, beta = rows((m, c, 1), 71, torch.float32) + 1, rows((m, c, 1), 72, torch.float32)
+    g = rows((m, streams, b, c, length), 73, torch.float32).permute(1, 2, 0, 3, 4)
+    got = native_ops.streams_forward(x, gamma, beta, EPS)
+    want = op.streams_forward(x, gamma, beta, EPS)
+    assert got[0].stride() == x.stride()
+    for name, a, e in zip(("y", "mean", "var", "inv_std", "mean_t", "mean_tx"), got, want):
+        assert_close(a, e, rtol=1e-5, atol=1e-5, name=name)
+    grads = native_ops.streams_backward(g, x, want[1], want[3], gamma, *want[4:])
+    want_grads = op.streams_backward(g, x, want[1], want[3], gamma, *want[4:])
+    for name, a, e in zip(("grad_x", "grad_gamma", "grad_beta"), grads, want_grads):
+        assert_close(a, e, rtol=1e-4, atol=1e-4, name=name)
+
+
+@needs_extension
+def test_native_streams_pass_opcheck_and_name_bad_input():
+    ops = native.OPS
+    x, g = rows((3, 3, 2, 2, 5), 80), rows((3, 3, 2, 2, 5), 81)
+    gamma, beta = rows((2, 2, 1), 82), rows((2, 2, 1), 83)
+    _, mean, _, inv_std, mean_t, mean_tx = ops.batch_norm_streams_forward(x, gamma, beta, EPS)
+    for fn, args in ((ops.batch_norm_streams_forward, (x, gamma, beta, EPS)),
+                     (ops.batch_norm_streams_forward, (x, None, None, EPS)),
+                     (ops.batch_norm_streams_backward, (g, x, mean, inv_std, gamma, mean_t, mean_tx)),
+                     (ops.batch_norm_streams_backward, (g, x, mean, inv_std, None, mean_t, mean_tx))):
+        torch.library.opcheck(fn, args)
+    with pytest.raises(RuntimeError, match="x must have 5 dimensions"):
+        ops.batch_norm_streams_forward(x[0], gamma, beta, EPS)
+    with pytest.raises(RuntimeError, match="gamma and beta must be given together"):
+        ops.batch_norm_streams_forward(x, gamma, None, EPS)
+    with pytest.raises(RuntimeError, match="eps must be > 0"):
+        ops.batch_norm_streams_forward(x, gamma, beta, 0.0)
+    with pytest.raises(RuntimeError, match=r"gamma must be \[2, 2, 1\]"):
+        ops.batch_norm_streams_forward(x, gamma[:1], beta, EPS)
+    with pytest.raises(RuntimeError, match="beta must be Double"):
+        ops.batch_norm_streams_forward(x, gamma, beta.float(), EPS)
+    with pytest.raises(RuntimeError, match="grad_y must be"):
+        ops.batch_norm_streams_backward(g[:2], x, mean, inv_std, gamma, mean_t, mean_tx)
+    with pytest.raises(RuntimeError, match=r"mean_t must be \[2, 1, 2, 2, 1\]"):
+        ops.batch_norm_streams_backward(g, x, mean, inv_std, gamma, mean_t[:1], mean_tx)

@@ -18,8 +18,22 @@ ops of csrc/batch_norm.cpp, one pass per reduction and per output, for all but s
     linearization_forward(t, x_hat, scale) -> (scale * (t - mean(t) - x_hat * mean(t * x_hat)),
                                                (mean(t), mean(t * x_hat)) [S, 1, M, C, 1])
     linearization_backward(grad_out, t, x_hat, scale, mean_t, mean_tx) -> (grad_t, grad_x_hat, grad_scale)
+    streams_forward(x, gamma, beta, eps) -> (y like x, mean, var, inv_std [M,C,1], mean_t, mean_tx [S-1,1,M,C,1])
+    streams_backward(grad_y, x, mean, inv_std, gamma, mean_t, mean_tx) -> (grad_x like x, grad_gamma, grad_beta)
 The means of the linearization run over the B samples and the space of ONE stream: each stream is a
 direction for the whole batch. The map is self-adjoint, so it serves the tangent and the cotangent rows.
+
+The streams launchers are the jvp mode's whole layer in one Function: x [S, B, M, C, L] holds the primal
+rows (stream 0) and S-1 tangent streams; y = gamma * x_hat + beta on stream 0 and gamma * (the
+linearization of each tangent stream) on the others, written in x's memory order (so the engine neither
+splits its input nor joins its output), and the backward is one Function too, recomputing x_hat from x
+rather than saving it. With a = mean(t), b = mean(t * x_hat) per tangent stream t and, for the gradient
+g0 of stream 0 and g of stream t, c = mean(g * x_hat), e = mean(g * t) - a * mean(g) - b * c:
+    grad_t = gamma * inv_std * (g - mean(g) - x_hat * c)
+    grad_x = inv_std * (G - mean(G) - x_hat * mean(G * x_hat)) - gamma * inv_std^2 * sum(e) * x_hat,
+        G = gamma * g0 - gamma * inv_std * sum over streams of (b * g + c * t)   (dL/dx_hat)
+    grad_gamma = sum(g0 * x_hat) + inv_std * N * sum(e),  grad_beta = sum(g0)
+(the last term of grad_x: the tangent rows' explicit inv_std, d inv_std / dx = -inv_std^2 * x_hat / N).
 """
 from __future__ import annotations
 
@@ -95,14 +109,51 @@ def linearization_backward(grad_out, t, x_hat, scale, mean_t, mean_tx):
     return grad_t, grad_x_hat, grad_scale
 
 
+def streams_forward(x, gamma, beta, eps):
+    count = x.shape[1] * x.shape[4]
+    x0, t = x[0], x[1:]
+    mean, var, centered = moments(x0)
+    inv_std = torch.rsqrt(var + eps)
+    x_hat = centered * inv_std
+    mean_t, mean_tx = _means(t, x_hat, count)
+    scale = inv_std if gamma is None else inv_std * gamma
+    y = torch.empty_like(x)
+    y[0] = x_hat if gamma is None else torch.addcmul(beta, x_hat, gamma)
+    y[1:] = _self_adjoint(t, x_hat, scale, count, (mean_t, mean_tx))
+    return y, mean[0], var[0], inv_std[0], mean_t, mean_tx
+
+
+def streams_backward(grad_y, x, mean, inv_std, gamma, mean_t, mean_tx):
+    count = x.shape[1] * x.shape[4]
+    x0, t = x[0], x[1:]
+    g0, g = grad_y[0], grad_y[1:]
+    x_hat = (x0 - mean) * inv_std
+    gain = torch.ones_like(inv_std) if gamma is None else gamma
+    sum_g0, sum_g0x = _per_channel_sum(g0), _per_channel_sum(g0 * x_hat)       # [1, M, C, 1]
+    sum_g, sum_gx = _per_channel_sum(g), _per_channel_sum(g * x_hat)           # [S-1, 1, M, C, 1]
+    mean_gx = sum_gx / count
+    e = ((_per_channel_sum(g * t) - mean_t * sum_g - mean_tx * sum_gx) / count).sum(0)
+    grad_t = _self_adjoint(g, x_hat, gain * inv_std, count, (sum_g / count, mean_gx))
+    big_g = gain * g0 - gain * inv_std * (mean_tx * g + mean_gx * t).sum(0)
+    mean_big_g = gain * sum_g0 / count - gain * inv_std * (mean_tx * sum_g / count + mean_gx * mean_t).sum(0)
+    mean_big_gx = gain * sum_g0x / count - 2 * gain * inv_std * (mean_tx * mean_gx).sum(0)
+    grad_x0 = inv_std * (big_g - mean_big_g - x_hat * mean_big_gx) - gain * inv_std.square() * e * x_hat
+    grad_x = torch.empty_like(x)
+    grad_x[0], grad_x[1:] = grad_x0, grad_t
+    return grad_x, (sum_g0x + inv_std * count * e)[0], sum_g0[0]
+
+
 class Launchers(NamedTuple):
     statistics_forward: object
     statistics_backward: object
     linearization_forward: object
     linearization_backward: object
+    streams_forward: object
+    streams_backward: object
 
 
-ATEN = Launchers(statistics_forward, statistics_backward, linearization_forward, linearization_backward)
+ATEN = Launchers(statistics_forward, statistics_backward, linearization_forward, linearization_backward,
+                 streams_forward, streams_backward)
 
 
 def native_launchers(ops) -> Launchers:
@@ -115,8 +166,13 @@ def native_launchers(ops) -> Launchers:
     def native_statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std):
         return ops.batch_norm_statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std.contiguous())
 
+    def native_streams_backward(grad_y, x, mean, inv_std, gamma, mean_t, mean_tx):
+        if grad_y.stride(-1) != 1:  # the kernel reads rows with L contiguous
+            grad_y = grad_y.contiguous()
+        return ops.batch_norm_streams_backward(grad_y, x, mean, inv_std, gamma, mean_t, mean_tx)
+
     return Launchers(statistics_forward, native_statistics_backward, native_linearization_forward,
-                     ops.batch_norm_linearization_backward)
+                     ops.batch_norm_linearization_backward, ops.batch_norm_streams_forward, native_streams_backward)
 
 
 class BatchStatistics(torch.autograd.Function):
@@ -160,3 +216,32 @@ def normalized_linearization(t: torch.Tensor, x_hat: torch.Tensor, scale: torch.
                              launchers: Launchers = ATEN) -> torch.Tensor:
     """Differentiable scale * (t - mean(t) - x_hat * mean(t * x_hat)) for t [S, B, M, C, L]."""
     return NormalizedLinearization.apply(t, x_hat, scale, launchers)
+
+
+class NormalizedStreams(torch.autograd.Function):
+    """x [S, B, M, C, L] -> (y like x, mean, var [M, C, 1]): see the module's docstring; mean and var (for
+    the running statistics) are not differentiable. Once differentiable: the jvp-mode penalty needs one
+    backward."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps, launchers):
+        y, mean, var, inv_std, mean_t, mean_tx = launchers.streams_forward(x, gamma, beta, eps)
+        ctx.launchers = launchers
+        ctx.save_for_backward(x, mean, inv_std, gamma, mean_t, mean_tx)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        grad_x, grad_gamma, grad_beta = ctx.launchers.streams_backward(grad_y, *ctx.saved_tensors)
+        affine = ctx.saved_tensors[3] is not None
+        return grad_x, grad_gamma if affine else None, grad_beta if affine else None, None, None
+
+
+def normalized_streams(x: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None, eps: float,
+                       launchers: Launchers = ATEN):
+    """Train-mode BatchNorm of the primal rows x[0] and its exact linearization on the tangent streams
+    x[1:], in one Function: (y like x, the batch's mean and biased variance [M, C, 1], detached). gamma and
+    beta [M, C, 1], or both None."""
+    return NormalizedStreams.apply(x, gamma, beta, eps, launchers)

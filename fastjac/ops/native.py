@@ -18,6 +18,9 @@ Shapes (see the ops' modules for the semantics):
     batch_norm_statistics_backward(grad_x_hat?, grad_inv_std?, x_hat, inv_std) -> grad_x
     batch_norm_linearization_forward(t [S,B,M,C,L], x_hat, scale [M,C,1]) -> (out, mean_t, mean_tx [S,1,M,C,1])
     batch_norm_linearization_backward(grad_out, t, x_hat, scale, mean_t, mean_tx) -> (grad_t, grad_x_hat, grad_scale)
+    batch_norm_streams_forward(x [S,B,M,C,L], gamma?, beta? [M,C,1], eps)
+        -> (y like x, mean, var, inv_std [M,C,1], mean_t, mean_tx [S-1,1,M,C,1])
+    batch_norm_streams_backward(grad_y, x, mean, inv_std, gamma?, mean_t, mean_tx) -> (grad_x, grad_gamma, grad_beta)
     uap_step(delta [K,*in], grad like delta, step [K], eps [K]) -> like delta   (CUDA builds, float32)
 """
 from __future__ import annotations
@@ -62,6 +65,17 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastjac::batch_norm_linearization_backward")
     def _(grad_out, t, x_hat, scale, mean_t, mean_tx):
         return torch.empty_like(t), torch.empty_like(x_hat), scale.new_empty(scale.shape)
+
+    @torch.library.register_fake("fastjac::batch_norm_streams_forward")
+    def _(x, gamma, beta, eps):
+        channels = x.new_empty(x.shape[2], x.shape[3], 1)
+        means = x.new_empty(x.shape[0] - 1, 1, x.shape[2], x.shape[3], 1)
+        return (torch.empty_like(x), channels, torch.empty_like(channels), torch.empty_like(channels), means,
+                torch.empty_like(means))
+
+    @torch.library.register_fake("fastjac::batch_norm_streams_backward")
+    def _(grad_y, x, mean, inv_std, gamma, mean_t, mean_tx):
+        return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
 
     @torch.library.register_fake("fastjac::uap_step")
     def _(delta, grad, step, eps):
