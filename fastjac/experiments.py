@@ -88,7 +88,8 @@ PRESETS = {
                    je_ensemble_lambdas=(0.2,), mixed=((3, 0.2),), eps=_EPS, seeds=(0, 1, 2), train_samples=None,
                    test_samples=None, uap_samples=20000, uap_epochs=10),
     # The frontier study (issue 14), each sized to <= 90 min on this project's 2-core CPU when otherwise
-    # idle (estimate_seconds(): 85 min for frontier; frontier-lenet: 74 min estimated, 73.8 min measured on its run).
+    # idle (estimated by estimate_seconds() / measured on a run from scratch: frontier 85 / 62.4 min,
+    # frontier-lenet 74 / 73.8 min; docs/results/frontier*/results.md).
     # SGD-UAP runs one epoch in several batch orders: one order settles within an epoch to a perturbation
     # set by its last batches, and orders differ (fit_uaps). On the MLP the orders' outcomes are bimodal
     # with a rare low mode (jr-0.01, seed 0, eps 0.15: 4 of 40 orders reach 56.4-56.7%, the others
@@ -195,7 +196,7 @@ def _wide_widths(arch: str, factor: float) -> tuple:
 @dataclass(frozen=True)
 class Costs:
     """Seconds of one training epoch over 60,000 images, and of one SGD-UAP epoch over 10,000 fit images
-    with 3 eps, on this project's 2-core CPU (AMD EPYC, 2 threads, cpp backend)."""
+    with 3 eps, on this project's 2-core CPU (2 threads, cpp backend)."""
     single: float                  # a plain epoch of one default-width model
     single_jr: float               # ... with JR (vjp, nproj = 1)
     member: float                  # a plain epoch per member of a stacked ensemble

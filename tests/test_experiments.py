@@ -153,7 +153,7 @@ def test_cost_model_reproduces_the_recorded_full_run():
 
 
 def test_wide_kwargs_scale_the_parameters():
-    for arch in ("mlp", "lenet"):
+    for arch in ("mlp", "lenet", "resnet"):  # resnet: the frontier presets' route with --arch resnet
         for factor in (2, 5):
             ratio = parameter_count(arch, **experiments.wide_kwargs(arch, factor)) / parameter_count(arch)
             assert ratio == pytest.approx(factor, rel=0.02), (arch, factor)
