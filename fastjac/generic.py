@@ -186,6 +186,9 @@ def jvp(model: nn.Module, x: torch.Tensor, u: torch.Tensor, per_member: bool = F
         def directions(u_p):
             return torch.func.jvp(lambda inputs: call(state, inputs), (x_m,), (u_p,), has_aux=True)
 
+        if u.shape[0] == 1:  # one direction: no vmap (over a batch of one, the step measured ~6% slower)
+            logits, tangents, stats = directions(u[0])
+            return logits, tangents.unsqueeze(0), stats
         # the primal's inputs are not batched over the directions, so it runs once, but vmap hands the
         # primal outputs back expanded over them: keep one copy
         logits, tangents, stats = torch.func.vmap(directions, randomness="same")(u)
