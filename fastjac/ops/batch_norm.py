@@ -235,8 +235,8 @@ class NormalizedStreams(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         grad_x, grad_gamma, grad_beta = ctx.launchers.streams_backward(grad_y, *ctx.saved_tensors)
-        affine = ctx.saved_tensors[3] is not None
-        return grad_x, grad_gamma if affine else None, grad_beta if affine else None, None, None
+        _, wants_gamma, wants_beta, _, _ = ctx.needs_input_grad
+        return grad_x, grad_gamma if wants_gamma else None, grad_beta if wants_beta else None, None, None
 
 
 def normalized_streams(x: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None, eps: float,
