@@ -32,6 +32,22 @@ def test_targets_take_ratios_of_the_named_rows():
     assert targets.check_targets(rows, "lenet", 5, "cpp") == []  # no targets for LeNet
 
 
+def test_gpu_targets_compare_each_fused_backend_with_torch_and_the_reference(monkeypatch):
+    monkeypatch.setattr(targets.benchmark, "bench_backends", lambda device: ["torch", "triton"])
+    rows = [row("jr_vjp", "torch", 12.0), row("jr_vjp", "triton", 6.0), row("jr_jvp", "torch", 9.0),
+            row("jr_jvp", "triton", 8.0), row("reference_jr", "-", 40.0), row("uap", "auto=torch", 2.0),
+            row("uap_common", "-", 3.0)]
+    results = {result["target"]: result for result in targets.check_targets(rows, "mlp", 5, "torch", "cuda")}
+    assert set(results) == {"reference JR / vjp JR (triton) >= 5x", "vjp JR (torch backend) / vjp JR (triton) >= 1.5x",
+                            "reference JR / jvp JR (triton) >= 5x", "jvp JR (torch backend) / jvp JR (triton) >= 1.5x",
+                            "UAP K=1 >= 2x common implementation (common / fastjac >= 2)"}
+    assert results["reference JR / vjp JR (triton) >= 5x"]["ratio"] == 40.0 / 6.0
+    assert results["vjp JR (torch backend) / vjp JR (triton) >= 1.5x"]["ok"] is True
+    assert results["jvp JR (torch backend) / jvp JR (triton) >= 1.5x"]["ok"] is False
+    assert results["UAP K=1 >= 2x common implementation (common / fastjac >= 2)"]["ratio"] == 1.5
+    assert targets.check_targets(rows, "lenet", 5, "torch", "cuda") == []  # GPU targets: MLP and ResNet-8
+
+
 def test_variance_report_runs_and_brackets_the_exact_value():
     report = variance.estimator_variance(arch="mlp", members=2, draws=40, batch=8, quick=True)
     exact = report["exact"]

@@ -93,6 +93,32 @@ GENERIC = [  # issue 11: the generic path on a model no engine fuses
 
 TARGETS = {"mlp": ENGINE + USER_LOOP, "resnet": RESNET, "branchy": GENERIC}
 
+GPU_ARCHS = ("mlp", "resnet")  # issue 12's GPU targets: MLP and ResNet-8, M = 5, B = 128
+
+
+def gpu_targets(fused: Sequence[str]) -> list[Target]:
+    """Issue 12's targets on a CUDA device, for each backend in ``fused`` (every benchmarked backend but
+    ``torch``, which they are measured against): its JR steps against the reference loop and against the
+    ``torch`` backend's, and the SGD-UAP iteration against the common implementation."""
+    targets = []
+    for name in fused:
+        for kind in ("jr_vjp", "jr_jvp"):
+            mode, side = kind.removeprefix("jr_"), (kind, name, 1)
+            targets += [
+                _at_least(f"reference JR / {mode} JR ({name}) >= 5x", REFERENCE, side, 5.0),
+                _at_least(f"{mode} JR (torch backend) / {mode} JR ({name}) >= 1.5x", (kind, "torch", 1), side, 1.5),
+            ]
+    return targets + [_at_least("UAP K=1 >= 2x common implementation (common / fastjac >= 2)",
+                                ("uap_common", "-", 1), ("uap", "auto", 1), 2.0)]
+
+
+def targets_for(arch: str, device: str) -> list[Target]:
+    """The targets of ``arch``'s rows: issue 12's on a CUDA device, the CPU issues' otherwise."""
+    if torch.device(device).type == "cuda":
+        fused = [name for name in benchmark.bench_backends(device) if name != "torch"]
+        return gpu_targets(fused) if arch in GPU_ARCHS else []
+    return TARGETS.get(arch, [])
+
 
 def _find(rows: Sequence[dict], side: tuple[str, str, int], arch: str, m: int, auto: str) -> dict | None:
     kind, backend, k = side
@@ -101,12 +127,12 @@ def _find(rows: Sequence[dict], side: tuple[str, str, int], arch: str, m: int, a
                  == (kind, arch, m, k, wanted)), None)
 
 
-def check_targets(rows: Sequence[dict], arch: str, m: int, auto: str) -> list[dict]:
+def check_targets(rows: Sequence[dict], arch: str, m: int, auto: str, device: str = "cpu") -> list[dict]:
     """The targets of ``arch`` on its M = ``m`` rows -> [{target, ratio, ok, noisy, spec}]; ``auto``: the
     backend the automatic choice resolved to in that run. A side not measured (absent, or failed) gives
     ratio and ok None; ``spec``: the CaseSpec to profile when missed."""
     results = []
-    for target in TARGETS.get(arch, []):
+    for target in targets_for(arch, device):
         sides = [_find(rows, side, arch, m, auto) for side in (target.numerator, target.denominator)]
         measured = all(row is not None and row.get("time_ms") is not None for row in sides)
         ratio = sides[0]["time_ms"] / sides[1]["time_ms"] if measured else None
@@ -156,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in dict.fromkeys(row["arch"] for row in rows):
         run = {row["M"] for row in rows if row["arch"] == arch}
         m = TARGET_MEMBERS if TARGET_MEMBERS in run else max(run)
-        results = check_targets(rows, arch, m, auto)
+        results = check_targets(rows, arch, m, auto, args.device)
         if not results:
             continue
         sections += ["", format_targets(results, arch, m)]

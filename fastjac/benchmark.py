@@ -660,8 +660,10 @@ def _first_line(error: Exception) -> str:
 
 
 def run_table(quick: bool = False, archs: Sequence[str] | None = None, members: Sequence[int] = MEMBERS,
-              file=None, *, device: str = "cpu", clock: str = "wall") -> list[dict]:
+              file=None, *, device: str = "cpu", clock: str = "wall", kinds: Sequence[str] | None = None) -> list[dict]:
     """Run every case of every (arch, M) group, each group timed interleaved -> one dict per case.
+    ``kinds``: only the cases of these kinds (``KINDS`` keys; default all), e.g. to leave out the
+    torch.compile cases where compiling would cost more than the run is allowed.
 
     Row keys: name, kind, arch, M, K, backend, median_ms (wall clock), iqr_ms, cpu_ms (median process
     CPU time), time_ms (the median of ``clock``: what images/s, GFLOP/s and ratios use), runs, mem_bytes,
@@ -675,6 +677,9 @@ def run_table(quick: bool = False, archs: Sequence[str] | None = None, members: 
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    unknown = sorted(set(kinds or ()) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown case kind(s) {', '.join(unknown)}; known: {', '.join(KINDS)}")
     archs = list(archs or arch_names())
     names, auto = bench_backends(device), backends.current(device)
     timing_options = dict(warmup=1, repeats=5, max_time=4.0) if quick else dict(warmup=3, repeats=20, max_time=20.0)
@@ -684,7 +689,7 @@ def run_table(quick: bool = False, archs: Sequence[str] | None = None, members: 
     for arch in archs:
         for m in members:
             torch._dynamo.reset()  # a fresh compile cache per group: Dynamo's recompile limit never bites
-            specs = cases(arch, m, names)
+            specs = [spec for spec in cases(arch, m, names) if kinds is None or spec.kind in kinds]
             started = time.perf_counter()
             closures, errors = {}, {}
             for spec in specs:
@@ -846,6 +851,8 @@ def make_parser(prog: str = "python -m fastjac bench") -> argparse.ArgumentParse
     parser.add_argument("--clock", choices=CLOCKS, default="wall",
                         help="clock for ratios, images/s and GFLOP/s: wall time, or process CPU time (with "
                              "--threads 1 it excludes the time spent waiting for a core on a shared machine)")
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), metavar="KIND",
+                        help=f"only these kinds of case (default: all): {', '.join(KINDS)}")
     parser.add_argument("--out", help="also write the report (markdown) to this file")
     return parser
 
@@ -859,7 +866,7 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     rows = run_table(args.quick, args.arch or arch_names(), tuple(args.members or MEMBERS), file=sys.stderr,
-                     device=args.device, clock=args.clock)
+                     device=args.device, clock=args.clock, kinds=args.kinds)
     command = f"{parser.prog} " + " ".join(argv)
     return rows, "\n".join([f"Command: `{command.strip()}`", "", format_markdown(rows, machine_info(rows, args.device,
                                                                                                    args.clock))])

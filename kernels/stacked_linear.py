@@ -117,7 +117,7 @@ def _linear_fwd_kernel(
             a = tl.minimum(tl.maximum(a + d, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
                            propagate_nan=tl.PropagateNan.ALL)
         w = tl.load(w_ptrs + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
 
     # Epilogue: bias + mask from the primal slot, applied to every slot of the tile. Only group 0
     # stores the primal rows and the mask (primal_rows is B there, 0 in the other groups).
@@ -250,7 +250,7 @@ def _linear_grad_input_kernel(
                     g = g * (keep != 0).to(g.dtype)
                 w = tl.load(w_ptr + member * OUT * IN + n[:, None].to(tl.int64) * IN + k[None, :],
                             mask=(n < OUT)[:, None] & k_ok[None, :], other=0.0)
-                acc = tl.dot(g, w, acc, input_precision=PRECISION)
+                acc = tl.dot(g, w, acc, input_precision=PRECISION, out_dtype=ACC)
         if PERTURB:  # d clamp(x + delta)/d delta, bounds inclusive like torch.clamp's gradient
             v_ok = r_ok[:, None] & k_ok[None, :]
             xv = tl.load(x_ptr + (rows - p_lo)[:, None] * IN + k[None, :], mask=v_ok, other=0.0)
@@ -274,6 +274,19 @@ def _linear_grad_input_kernel(
 MIN_CHUNK_ROWS = 32
 
 
+def premask_float64(grad_out, mask, primal_rows: int):
+    """(grad_out, mask) for a gradient launch. float64 gradients get their ReLU mask applied here (mask
+    None): triton 3.6, the version of torch 2.11's CUDA builds, cannot compile a float64 ``tl.dot`` whose
+    operand was computed in registers (its MMAv2 lowering asserts "fp64 don't support largeK MMA").
+    float64 serves tests and gradchecks, where the extra pass costs nothing that matters."""
+    if mask is None or grad_out.dtype != torch.float64:
+        return grad_out, mask
+    m, rows, out_features = grad_out.shape
+    primal_mask = mask.view(m, -1, out_features)  # stored flat, [M, B * OUT]
+    row_mask = primal_mask[:, torch.arange(rows, device=grad_out.device) % max(primal_rows, 1)]  # row r: r % B
+    return grad_out * row_mask, None
+
+
 def linear_grad_input(grad_out, weight, mask, primal_rows: int, shared_x: bool, x=None, delta=None):
     """grad_x [M or -, R, IN] (or grad_delta [K, IN] when ``delta`` is given: PERTURB mode, x [XB, IN]).
 
@@ -281,6 +294,7 @@ def linear_grad_input(grad_out, weight, mask, primal_rows: int, shared_x: bool, 
     programs, 13 for IN = 784) the batch is split into chunks (``_common.reduction_splits``, programs
     counted at BLOCK_K = 64, the smallest GPU config's) whose partial sums [K, splits, IN] are added here.
     """
+    grad_out, mask = premask_float64(grad_out, mask, primal_rows)
     m, rows, out_features = grad_out.shape
     fan_in = weight.shape[2]
     splits, chunk = 1, 1
@@ -359,7 +373,7 @@ def _linear_grad_weight_kernel(
             g = g * (keep != 0).to(g.dtype)
         xt = tl.load(x_ptr + member * stride_xm + rows[:, None] * IN + k[None, :],
                      mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(g), xt, acc, input_precision=PRECISION)
+        acc = tl.dot(tl.trans(g), xt, acc, input_precision=PRECISION, out_dtype=ACC)
         if HAS_BIAS:  # the bias only touched the primal rows (stream 0: rows < B)
             grad_bias += tl.sum(tl.where((rows < B)[:, None], g.to(ACC), 0.0), axis=0)
     tl.store(gw_ptr + member * OUT * IN + n[:, None].to(tl.int64) * IN + k[None, :],
@@ -370,6 +384,7 @@ def _linear_grad_weight_kernel(
 
 def linear_grad_weight(grad_out, x, mask, primal_rows: int, has_bias: bool):
     """(grad_weight [M, OUT, IN], grad_bias [M, OUT] or None)."""
+    grad_out, mask = premask_float64(grad_out, mask, primal_rows)
     m, rows, out_features = grad_out.shape
     fan_in = x.shape[-1]
     grad_weight = torch.empty((m, out_features, fan_in), device=grad_out.device, dtype=grad_out.dtype)

@@ -244,9 +244,12 @@ def bind(launch: Launch, config: triton.Config, arch: int):
     jit = launch.kernel.fn
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    kwargs = {**launch.kwargs, **config.all_kwargs(), "debug": False,
-              "instrumentation_mode": triton.knobs.compilation.instrumentation_mode,
-              "fpsan_homomorphic_casts": triton.knobs.compilation.fpsan_homomorphic_casts}
+    kwargs = {**launch.kwargs, **config.all_kwargs(), "debug": False}
+    # The compilation knobs JITFunction.run adds to the options; they differ between triton versions
+    # (fpsan_homomorphic_casts is newer than triton 3.6, the version of torch 2.11's CUDA builds).
+    for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(triton.knobs.compilation, knob):
+            kwargs[knob] = getattr(triton.knobs.compilation, knob)
     binder = create_function_from_signature(jit.signature, jit.params, backend)
     bound_args, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound_args, specialization, options)
