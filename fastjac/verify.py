@@ -85,7 +85,7 @@ def verify(arch: str = "mlp", model_path=None, members: int = 3, batch: int = 5,
                    for mode in ("vjp", "jvp")}
     names = names or default_backends()
     for name in names:
-        backends.resolve(name)  # a backend named explicitly must be able to run
+        backends.resolve(name, backends.device_for(name, device))  # a backend named explicitly must be able to run
     expected = _reference(members_list, x, projections)
     report = {"arch": arch if model_path is None else str(model_path), "backends": {}}
     for name in names:

@@ -12,7 +12,7 @@
 #
 # Usage: scripts/gpu_check.sh            env: PYTHON (default python3: a Python whose torch has CUDA,
 #        with triton and pytest), FASTJAC_DATA (the Fashion-MNIST IDX files, if not in Debian's path),
-#        OUT (default bench/RESULTS-gpu.md), RUN_DIR (logs and study output, default runs/gpu-check),
+#        REPORT (default bench/RESULTS-gpu.md), RUN_DIR (logs and study output, default runs/gpu-check),
 #        STEPS (default "build tests verify bench study": the steps to run, in the order given),
 #        TEST_JOBS (pytest-xdist workers when it is installed; default min(nproc, 8))
 # Exit status: 0 when every step passed, 1 otherwise, 2 when no GPU is visible.
@@ -20,7 +20,7 @@ set -u
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-OUT=${OUT:-bench/RESULTS-gpu.md}
+REPORT=${REPORT:-bench/RESULTS-gpu.md}
 RUN_DIR=${RUN_DIR:-runs/gpu-check}
 LIMIT_BUILD=${LIMIT_BUILD:-180}
 LIMIT_TESTS=${LIMIT_TESTS:-200}
@@ -29,6 +29,7 @@ LIMIT_BENCH=${LIMIT_BENCH:-150}
 LIMIT_STUDY=${LIMIT_STUDY:-120}
 BUDGET=${BUDGET:-480}
 STEPS=${STEPS:-build tests verify bench study}
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 unset TRITON_INTERPRET FASTJAC_BACKEND  # kernels compiled for the GPU; the automatic backend choice
 
@@ -79,7 +80,7 @@ check_extension() {
 # fastjac.kernels only once installed; setup.py keeps the CPU ops if the CUDA part fails)
 run_build() {
     rm -f fastjac/_C.*.so
-    step build "$LIMIT_BUILD" env MAX_JOBS="$(nproc)" "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .
+    step build "$LIMIT_BUILD" env MAX_JOBS="$CORES" "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .
     check_extension
 }
 
@@ -92,7 +93,7 @@ run_tests() {
         pytest_args+=(-o addopts=-ra --ignore=bench)
     fi
     if "$PYTHON" -c "import xdist" 2>/dev/null; then
-        pytest_args+=(-n "${TEST_JOBS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}")
+        pytest_args+=(-n "${TEST_JOBS:-$(( CORES < 8 ? CORES : 8 ))}")
     fi
     step tests "$LIMIT_TESTS" env OMP_NUM_THREADS=1 "$PYTHON" -m pytest "${pytest_args[@]}"
 }
@@ -170,6 +171,6 @@ done
     nvidia-smi 2>&1
     echo '```'
     echo "</details>"
-} >>"$OUT"
-echo "gpu_check: report appended to $OUT"
+} >>"$REPORT"
+echo "gpu_check: report appended to $REPORT"
 exit $failed

@@ -375,7 +375,8 @@ def _torchrun(arguments: list[str], directory: Path) -> dict:
     return json.loads(out)
 
 
-TRAIN_ARGUMENTS = ["train", "--members", "4", "--epochs", "1", "--samples", "300", "--batch-size", "64"]
+# CPU ranks (gloo) everywhere: on a GPU host the CLI's default device would be cuda, one GPU per rank
+TRAIN_ARGUMENTS = ["train", "--members", "4", "--epochs", "1", "--samples", "300", "--batch-size", "64", "--device", "cpu"]
 
 
 @pytest.mark.parametrize("target", [["--jr-lambda", "0.1", "0", "0.2", "0.05"],
@@ -400,7 +401,8 @@ def test_torchrun_attack_equals_one_process(tmp_path, capsys):
     checked in float64 by test_ranks_equal_one_process) fits the single-process UAPs of the same model."""
     model = tmp_path / "model.pt"
     _single_cli([*TRAIN_ARGUMENTS, "--out", str(model)], capsys)
-    attack = ["attack", "--model", str(model), "--eps", "0.05", "0.1", "--epochs", "2", "--samples", "300"]
+    attack = ["attack", "--model", str(model), "--eps", "0.05", "0.1", "--epochs", "2", "--samples", "300",
+              "--device", "cpu"]
     single = _single_cli([*attack, "--out", str(tmp_path / "one")], capsys)
     spread = _torchrun([*attack, "--out", str(tmp_path / "two")], tmp_path)
     expected = torch.load(tmp_path / "one" / "uap.pt", weights_only=True)["delta"]
@@ -414,7 +416,7 @@ def test_torchrun_attack_equals_one_process(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- faults
 FAULT_ARGUMENTS = ["-m", "fastjac", "train", "--members", "2", "--epochs", "100000", "--samples", "64",
-                   "--batch-size", "32", "--timeout", str(FAULT_TIMEOUT_S)]
+                   "--batch-size", "32", "--timeout", str(FAULT_TIMEOUT_S), "--device", "cpu"]
 
 
 @pytest.mark.parametrize("fault", ["killed", "hung"])
