@@ -10,6 +10,7 @@ its tests skip with the reason. The last line of the build says which parts were
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -21,6 +22,22 @@ PACKAGE_DIR = {"fastjac.kernels": "kernels"}
 
 def _say(message: str) -> None:
     print(f"fastjac: {message}", file=sys.stderr, flush=True)
+
+
+def _warn_on_static_libstdcxx(paths) -> None:
+    """Warn when a built extension carries its own static copy of libstdc++ (``ldd`` lists no shared one):
+    its first C++ error then crashes the process instead of raising (the message is formatted by that
+    copy's iostreams). Seen on a GPU image whose CXX, /opt/gcc/bin/g++, was not the GCC torch was built
+    with (``torch.__config__.show()`` names it)."""
+    ldd = shutil.which("ldd")
+    if ldd is None or not sys.platform.startswith("linux"):
+        return
+    for path in paths:
+        listing = subprocess.run([ldd, path], capture_output=True, text=True).stdout
+        if listing and "libstdc++" not in listing:
+            _say(f"WARNING: {path} links no shared libstdc++ (the C++ compiler {os.environ.get('CXX', 'c++')!r} "
+                 "linked a static copy): its first C++ error will crash the process instead of raising. Rebuild "
+                 "with the compiler torch was built with (see torch.__config__.show()), e.g. CXX=g++ CC=gcc.")
 
 
 def _extension_and_cmdclass():
@@ -64,6 +81,7 @@ def _extension_and_cmdclass():
             if why_not_cuda is None:
                 try:
                     super().run()
+                    _warn_on_static_libstdcxx(self.get_outputs())
                     _say("built fastjac._C: CPU ops and CUDA ops (backends 'cpp' and 'cuda')")
                     return
                 except Exception as error:  # noqa: BLE001 - any nvcc/compiler failure: keep the CPU ops
@@ -80,6 +98,7 @@ def _extension_and_cmdclass():
                 _say(f"WARNING: the C++ extension failed to build ({error}); backends 'cpp' and 'cuda' "
                      "are unavailable")
                 return
+            _warn_on_static_libstdcxx(self.get_outputs())
             reason = "the CUDA build failed, see above" if why_not_cuda is None else why_not_cuda
             _say(f"built fastjac._C: CPU ops only (backend 'cpp'; no 'cuda': {reason})")
 

@@ -31,8 +31,9 @@ log = logging.getLogger("fastjac.backends")
 
 NAMES = ("torch", "cpp", "triton", "cuda")
 
-# Measured fastest first (bench/RESULTS.md). The GPU order stays 'torch' first until a GPU
-# benchmark shows a kernel backend ahead there; triton on the CPU is an interpreter and never automatic.
+# Measured fastest first (bench/RESULTS.md, bench/RESULTS-gpu.md). On the GPU (an H200, B = 128) the
+# steps are host-bound: 'cuda' ties 'torch' and 'triton' is 1.5x slower, so 'torch' alone; triton on the
+# CPU is an interpreter and never automatic.
 AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("torch",)}
 
 _chosen: str | None = None

@@ -40,6 +40,7 @@ fi
 mkdir -p "$RUN_DIR"
 rm -f "$RUN_DIR"/*.log
 failed=0
+last_rc=0
 summary=()
 
 REPORT_RESERVE=20  # seconds of BUDGET kept for the report
@@ -63,6 +64,7 @@ step() {
     local start=$SECONDS
     timeout --signal=INT --kill-after=15 "$limit" "$@" >"$RUN_DIR/$name.log" 2>&1
     local rc=$? status
+    last_rc=$rc
     case $rc in
         0) status="ok" ;;
         124 | 130 | 137) status="timed out after ${limit}s"; failed=1 ;;
@@ -72,8 +74,11 @@ step() {
     echo "gpu_check: $name: $status"
 }
 
+# The extension imports, and a C++ error in it raises (an extension linked with a static copy of
+# libstdc++ crashes instead: setup.py warns of it).
 check_extension() {
     step extension 20 "$PYTHON" -c "import fastjac._C as c, fastjac.kernels; print('fastjac._C: CPU ops' + (' and CUDA ops' if c.WITH_CUDA else ' only'))"
+    step extension-errors 20 "$PYTHON" -c "import torch, unittest, fastjac._C as c; unittest.TestCase().assertRaises(RuntimeError, c.stacked_addmm_, torch.empty(2, 3, 4), torch.randn(2, 3, 5), torch.randn(2, 6, 4), None, False); print('a C++ error raises RuntimeError')"
 }
 
 # --- build: install fastjac editable with its extension in place (the Triton kernels are the package
@@ -82,6 +87,12 @@ run_build() {
     rm -f fastjac/_C.*.so
     step build "$LIMIT_BUILD" env MAX_JOBS="$CORES" "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .
     check_extension
+    if [ "$last_rc" -ne 0 ]; then  # e.g. a CXX that links libstdc++ statically: once more with PATH's g++/gcc
+        rm -f fastjac/_C.*.so
+        step build-gxx "$LIMIT_BUILD" env MAX_JOBS="$CORES" CXX=g++ CC=gcc "$PYTHON" -m pip install -v \
+            --no-build-isolation --no-deps -e .
+        check_extension
+    fi
 }
 
 # --- the whole test suite on the GPU (the Triton kernels compiled for this card, not interpreted), on
