@@ -25,9 +25,13 @@ def _backend_params():
     """Every backend by name, on each device it runs on; the unavailable ones are visible skips."""
     params = []
     for name in backends.NAMES:
-        for device in backends.device_types(name):  # triton: cuda on a GPU host, the interpreter's cpu otherwise
+        devices = ("cpu",) if name == "cpp" else ("cuda",) if name == "cuda" else ("cpu", "cuda")
+        for device in devices:
             marks = [needs_backend(name),
-                     pytest.mark.skipif(device == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")]
+                     pytest.mark.skipif(device == "cuda" and not torch.cuda.is_available(), reason="no CUDA device"),
+                     # triton runs on a GPU where one is visible, else on the CPU's interpreter
+                     pytest.mark.skipif(device not in backends.device_types(name),
+                                        reason=f"{name} runs on {backends.device_types(name)} tensors here")]
             if name == "triton":
                 marks.append(pytest.mark.skipif(backends.triton_interpreted(), reason=(
                     "triton on the CPU interpreter: minutes per case at these shapes; tests/test_triton_backend.py "
