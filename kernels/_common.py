@@ -23,6 +23,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 SHARED_MEMORY_BUDGET = min(SHARED_MEMORY_LIMIT.values())
 
+# FASTJAC_TRITON_CONFIGS=first: every GEMM kernel keeps one config, the first its pruning keeps, so it is
+# not autotuned and each variant compiles once. For the test suite on a GPU host (tests/conftest.py sets
+# it): on the first GPU run every worker compiled every config of every kernel it met (~24 s per worker
+# before its first Triton test). Benchmarks and users autotune over every config.
+FIRST_CONFIG_ONLY = os.environ.get("FASTJAC_TRITON_CONFIGS") == "first"
+
 # Programs a launch off a GPU aims for (the interpreter on the CPU, meta tensors): no SMs to fill, so
 # reductions stay whole. Module-level so tests can raise it to exercise the split reductions.
 PROGRAMS_OFF_GPU = 1
@@ -130,7 +136,8 @@ def budget_pruner(*, tile_elements, acc_elements):
 
         kept = [config for config in candidates
                 if cost(config)[0] <= MAX_TILE_REGISTERS and cost(config)[1] <= SHARED_MEMORY_BUDGET]
-        return kept or [min(candidates, key=cost)]
+        kept = kept or [min(candidates, key=cost)]
+        return kept[:1] if FIRST_CONFIG_ONLY else kept
 
     return prune
 

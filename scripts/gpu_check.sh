@@ -10,8 +10,9 @@
 # skipped when too little is. A step over its limit is interrupted (SIGINT, so pytest and the study stop
 # cleanly; the study resumes on a later run) and recorded as "timed out". A failed step does not stop
 # the later ones. Measured on an H200 (bench/RESULTS-gpu.md): the build takes ~50 s with 16 jobs, and the
-# whole suite more than 170 s on 12 workers (each compiles every Triton autotune config it meets): give
-# the tests LIMIT_TESTS=400 and BUDGET=600 where the lease allows, or run them alone (STEPS="build tests").
+# whole suite took more than 170 s on 12 workers when each compiled every Triton autotune config it met
+# (the suite now keeps one per GEMM kernel: tests/conftest.py); where the lease allows, give the tests
+# LIMIT_TESTS=400 and BUDGET=600, or run them alone (STEPS="build tests").
 #
 # Usage: scripts/gpu_check.sh            env: PYTHON (default python3: a Python whose torch has CUDA,
 #        with triton and pytest), FASTJAC_DATA (the Fashion-MNIST IDX files, if not in Debian's path),

@@ -7,6 +7,8 @@ import torch
 # Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before any kernel import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # one config per GEMM kernel, no autotuning: compiles, not tests, took most of the GPU suite's time
+    os.environ.setdefault("FASTJAC_TRITON_CONFIGS", "first")
 
 # Tests run with the automatic backend choice unless a test names one.
 os.environ.pop("FASTJAC_BACKEND", None)

@@ -138,6 +138,18 @@ def test_pruning_caps_the_shared_memory():
     assert _kept(k_linear.prune_grad_input_configs, table, ACC=tl.float64) == small
 
 
+def test_first_config_only_keeps_the_first_that_pruning_keeps(monkeypatch):
+    """FASTJAC_TRITON_CONFIGS=first (the suite on a GPU host): one config per launch, the first one kept."""
+    table = k_linear.FORWARD_CONFIGS
+    every_f32 = _kept(k_linear.prune_forward_configs, table, SLOTS=1, ACC=tl.float32)
+    every_f64 = _kept(k_linear.prune_forward_configs, table, SLOTS=1, ACC=tl.float64)
+    monkeypatch.setattr(_common, "FIRST_CONFIG_ONLY", True)
+    assert _kept(k_linear.prune_forward_configs, table, SLOTS=1, ACC=tl.float32) == every_f32[:1]
+    assert _kept(k_linear.prune_forward_configs, table, SLOTS=1, ACC=tl.float64) == every_f64[:1]
+    assert _kept(k_linear.prune_forward_configs, table, SLOTS=8, ACC=tl.float32) == [
+        ({"BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3)]  # none fits: still the cheapest
+
+
 def test_float64_caps_the_stream_slots():
     """float64 row tiles hold at most MAX_SLOTS_FLOAT64 (4) streams; float32 up to MAX_SLOTS (8)."""
     assert k_linear._slots(9, torch.float32) == (8, 2)  # 1 primal + 7 tangents per group: 8 tangents -> 2 groups
