@@ -94,8 +94,8 @@ run_build() {
     check_extension
     if [ "$last_rc" -ne 0 ]; then  # e.g. a CXX that links libstdc++ statically: once more with PATH's g++/gcc
         rm -f fastjac/_C.*.so
-        step build-gxx "$LIMIT_BUILD" env MAX_JOBS="$CORES" CXX=g++ CC=gcc "$PYTHON" -m pip install -v \
-            --no-build-isolation --no-deps -e .
+        step build-gxx "$LIMIT_BUILD" env -u LDSHARED -u LDCXXSHARED MAX_JOBS="$CORES" CXX=g++ CC=gcc \
+            "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .
         check_extension
     fi
 }
