@@ -544,6 +544,14 @@ KINDS: dict[str, Kind] = {
                    ("plain", "same")),
     "jr_jvp": Kind("JR step jvp, stacked", _step(_one_pass_loss("jvp")), "jvp", "named",
                    ("plain", "same")),
+    # The peers before the user-loop cases: compiled after fastjac's compiled jvp step (user_jvp_compiled)
+    # in one process, the peer's compile fails in torch 2.13 ("ZeroTensors are immutable",
+    # pytorch/pytorch#177261); compiled first, both compile and run (checked interleaved).
+    "peer_jvp": Kind("JR step jvp, torch.func vmap + jvp (peer)", _step(_peer_jvp_loss), "peer jvp", "-",
+                     ("jr_jvp", "auto-name")),
+    "peer_jvp_compiled": Kind("JR step jvp, torch.func vmap + jvp under torch.compile (peer: the reference's "
+                              "double backward does not compile)", _step(_compiled_peer_jvp_loss, compiled=True),
+                              "peer jvp compiled", "-", ("jr_jvp", "auto-name"), eager_twin="peer_jvp"),
     "user_vjp": Kind("JR step vjp, user loop (jacobian_penalty return_logits)", _step(_user_loss("vjp")),
                      "user vjp", "auto", ("jr_vjp", "auto-name")),
     "user_jvp": Kind("JR step jvp, user loop (jacobian_penalty return_logits)", _step(_user_loss("jvp")),
@@ -560,11 +568,6 @@ KINDS: dict[str, Kind] = {
                     "auto", ("user_ensemble", "auto")),
     "reference_jr": Kind("JR step, reference loop (double backprop)", _step(_reference_loss),
                          "reference", "-", ("jr_vjp", "auto-name"), archs="any"),
-    "peer_jvp": Kind("JR step jvp, torch.func vmap + jvp (peer)", _step(_peer_jvp_loss), "peer jvp", "-",
-                     ("jr_jvp", "auto-name")),
-    "peer_jvp_compiled": Kind("JR step jvp, torch.func vmap + jvp under torch.compile (peer: the reference's "
-                              "double backward does not compile)", _step(_compiled_peer_jvp_loss, compiled=True),
-                              "peer jvp compiled", "-", ("jr_jvp", "auto-name"), eager_twin="peer_jvp"),
     "generic_vjp": Kind("JR step vjp, generic path", _step(_one_pass_loss("vjp")), "generic vjp", "auto",
                         ("reference_jr", "-"), archs="unfused"),
     "generic_jvp": Kind("JR step jvp, generic path", _step(_one_pass_loss("jvp")), "generic jvp", "auto",
