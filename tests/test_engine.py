@@ -18,29 +18,12 @@ from fastjac import Ensemble, backends, jacobian_penalty, models, reference
 from fastjac.testing import RTOL64, member_grads, stacked_grads, upstream_weights
 from tests.engine_cases import (F32, F64, assert_grads_close, assert_penalty_matches_reference, make_input,
                                 make_projections, reference_penalty)
-from tests.helpers import assert_close, needs_backend
+from tests.helpers import assert_close, backend_devices
 
 
-def _backend_params():
-    """Every backend by name, on each device it runs on; the unavailable ones are visible skips."""
-    params = []
-    for name in backends.NAMES:
-        devices = ("cpu",) if name == "cpp" else ("cuda",) if name == "cuda" else ("cpu", "cuda")
-        for device in devices:
-            marks = [needs_backend(name),
-                     pytest.mark.skipif(device == "cuda" and not torch.cuda.is_available(), reason="no CUDA device"),
-                     # triton runs on a GPU where one is visible, else on the CPU's interpreter
-                     pytest.mark.skipif(device not in backends.device_types(name),
-                                        reason=f"{name} runs on {backends.device_types(name)} tensors here")]
-            if name == "triton":
-                marks.append(pytest.mark.skipif(backends.triton_interpreted(), reason=(
-                    "triton on the CPU interpreter: minutes per case at these shapes; tests/test_triton_backend.py "
-                    "runs it on small shapes")))
-            params.append(pytest.param(name, device, marks=marks, id=f"{name}-{device}"))
-    return params
-
-
-BACKENDS = _backend_params()  # (backend, device): fast path on `device`, reference in float64 on the CPU
+# (backend, device): fast path on `device`, reference in float64 on the CPU
+BACKENDS = backend_devices(interpreter_skip="triton on the CPU interpreter: minutes per case at these shapes; "
+                                            "tests/test_triton_backend.py runs it on small shapes")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
