@@ -275,10 +275,11 @@ MIN_CHUNK_ROWS = 32
 
 
 def premask_float64(grad_out, mask, primal_rows: int):
-    """(grad_out, mask) for a gradient launch. float64 gradients get their ReLU mask applied here (mask
-    None): triton 3.6, the version of torch 2.11's CUDA builds, cannot compile a float64 ``tl.dot`` whose
-    operand was computed in registers (its MMAv2 lowering asserts "fp64 don't support largeK MMA").
-    float64 serves tests and gradchecks, where the extra pass costs nothing that matters."""
+    """(grad_out, mask) for the gradient kernels, once per backward launcher. float64 gradients get their
+    ReLU mask applied here (mask None): triton 3.6, the version of torch 2.11's CUDA builds, cannot compile
+    a float64 ``tl.dot`` whose operand was computed in registers (its MMAv2 lowering asserts "fp64 don't
+    support largeK MMA"). float64 serves tests and gradchecks, where the extra pass costs nothing that
+    matters."""
     if mask is None or grad_out.dtype != torch.float64:
         return grad_out, mask
     m, rows, out_features = grad_out.shape
@@ -294,7 +295,6 @@ def linear_grad_input(grad_out, weight, mask, primal_rows: int, shared_x: bool, 
     programs, 13 for IN = 784) the batch is split into chunks (``_common.reduction_splits``, programs
     counted at BLOCK_K = 64, the smallest GPU config's) whose partial sums [K, splits, IN] are added here.
     """
-    grad_out, mask = premask_float64(grad_out, mask, primal_rows)
     m, rows, out_features = grad_out.shape
     fan_in = weight.shape[2]
     splits, chunk = 1, 1
@@ -384,7 +384,6 @@ def _linear_grad_weight_kernel(
 
 def linear_grad_weight(grad_out, x, mask, primal_rows: int, has_bias: bool):
     """(grad_weight [M, OUT, IN], grad_bias [M, OUT] or None)."""
-    grad_out, mask = premask_float64(grad_out, mask, primal_rows)
     m, rows, out_features = grad_out.shape
     fan_in = x.shape[-1]
     grad_weight = torch.empty((m, out_features, fan_in), device=grad_out.device, dtype=grad_out.dtype)
@@ -418,6 +417,7 @@ def stacked_linear_backward(grad_out, x, weight, mask, streams: int, has_bias: b
     grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
     mask = None if mask is None else mask.contiguous()
     primal_rows = grad_out.shape[1] // streams
+    grad_out, mask = premask_float64(grad_out, mask, primal_rows)  # once for both kernels
     grad_weight, grad_bias = linear_grad_weight(grad_out, x, mask, primal_rows, has_bias)
     grad_x = linear_grad_input(grad_out, weight, mask, primal_rows, x.dim() == 2) if needs_x_grad else None
     return grad_x, grad_weight, grad_bias

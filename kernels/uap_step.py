@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import ELEMENTWISE_CONFIGS, acc_dtype, bucket, configs, launch_device, reduction_splits
-from .stacked_linear import linear_forward, linear_grad_input
+from .stacked_linear import linear_forward, linear_grad_input, premask_float64
 
 
 @triton.jit
@@ -143,6 +143,6 @@ def perturbed_linear_backward(grad_out, x, delta, weight, mask):
     batch, shape = x.shape[0], delta.shape
     x, delta = x.reshape(batch, -1).contiguous(), delta.reshape(shape[0], -1).contiguous()
     mask = None if mask is None else mask.contiguous()
-    grad = linear_grad_input(grad_out.contiguous(), weight.contiguous(), mask, grad_out.shape[1], True,
-                             x=x, delta=delta)
+    grad_out, mask = premask_float64(grad_out.contiguous(), mask, grad_out.shape[1])
+    grad = linear_grad_input(grad_out, weight.contiguous(), mask, grad_out.shape[1], True, x=x, delta=delta)
     return grad.view(shape)
