@@ -39,8 +39,30 @@ import torch
 
 from fastjac.ops.stacked_linear import stacked_product
 
-_relu_backward = torch.ops.aten.threshold_backward.default  # g * (activation > 0), one fused pass
+_aten_relu_backward = torch.ops.aten.threshold_backward.default  # g * (activation > 0), one fused pass
 _relu_backward_out = torch.ops.aten.threshold_backward.grad_input
+
+
+@torch.library.custom_op("fastjac::relu_backward", mutates_args=())
+def _opaque_relu_backward(grad: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+    """ATen's threshold_backward(grad, activation, 0) behind a custom op, which torch.compile keeps as one
+    opaque call. Visible to inductor, it is decomposed into where(activation <= 0, 0, grad) and the
+    partitioner saves the bool mask for the backward; inductor's C++ for a bool output measured 10-20x
+    ATen's time on this project's CPU (torch 2.13: ``x <= 0`` on [5, 128, 256] 2.4 ms vs 0.11 ms), which
+    made the compiled MLP vjp step 1.2x the eager one. Opaque, the compiled step matches eager."""
+    return _aten_relu_backward(grad, activation, 0)
+
+
+@_opaque_relu_backward.register_fake
+def _(grad, activation):
+    return grad.new_empty(torch.broadcast_shapes(grad.shape, activation.shape))
+
+
+def _relu_backward(grad: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+    """grad masked by activation > 0 (broadcast); under torch.compile on a CPU, the opaque op (above)."""
+    if torch.compiler.is_compiling() and grad.device.type == "cpu":
+        return _opaque_relu_backward(grad, activation)
+    return _aten_relu_backward(grad, activation, 0)
 
 
 @dataclass(frozen=True)
@@ -121,8 +143,8 @@ def _masked(g: torch.Tensor, activation: torch.Tensor, streams: int) -> torch.Te
     """g [M, S*B, F] masked by the primal post-ReLU activation [M, B, F] (broadcast over the S streams)."""
     m, rows, features = g.shape
     if streams == 1:
-        return _relu_backward(g, activation, 0)
-    return _relu_backward(g.view(m, streams, -1, features), activation.unsqueeze(1), 0).view(m, rows, features)
+        return _relu_backward(g, activation)
+    return _relu_backward(g.view(m, streams, -1, features), activation.unsqueeze(1)).view(m, rows, features)
 
 
 def _squared_norms(rows: torch.Tensor, target: str) -> tuple[torch.Tensor, torch.Tensor]:
