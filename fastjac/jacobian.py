@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from fastjac import backends, engine, generic, reference
 from fastjac._checks import check_choice, check_inputs, check_matches_model, check_model_input, check_nproj
 from fastjac.ensemble import Ensemble, fused_view
-from fastjac.ops import linear_chain
+from fastjac.ops import compiled_cpu, linear_chain
 
 MODES = ("vjp", "jvp", "exact")
 TARGETS = ("members", "ensemble")
@@ -33,6 +33,8 @@ def make_projections(mode: str, nproj: int, x_shape, classes: int, *, generator=
         if nproj == -1:
             return None
         return reference.sphere_projections(nproj, x_shape[0], classes, generator=generator, dtype=dtype, device=device)
+    if generator is None and compiled_cpu.applies(device):  # inductor's own randn is slow on a CPU
+        return compiled_cpu.randn(nproj, *x_shape, dtype=dtype, device=device)
     return reference.gaussian_projections(nproj, x_shape, generator=generator, dtype=dtype, device=device)
 
 

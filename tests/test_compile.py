@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fastjac
 from fastjac import Ensemble, models
 from fastjac.jacobian import make_projections
-from fastjac.ops import native
+from fastjac.ops import compiled_cpu, native
 from tests.helpers import assert_close, needs_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,32 +122,64 @@ def test_inductor_step_equals_eager():
     _compare_compiled("mlp", "vjp", "members", None, "inductor")
 
 
-def test_relu_backward_op_passes_opcheck():
-    """The opaque ReLU backward that compiled CPU graphs call (same shapes, and a mask broadcast over streams)."""
+
+def test_compiled_cpu_ops_pass_opcheck():
+    """The opaque ops compiled CPU graphs call: the ReLU backward (same shapes, and a mask broadcast over
+    streams) and the in-place Gaussian draw."""
     grad, activation = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5).relu()
     for args in ((grad, activation), (grad, activation[:, :1])):
         torch.library.opcheck(torch.ops.fastjac.relu_backward.default, args)
-    assert_close(torch.ops.fastjac.relu_backward(grad, activation), grad * (activation > 0), rtol=0, atol=0,
+    assert_close(compiled_cpu.relu_backward(grad, activation), grad * (activation > 0), rtol=0, atol=0,
                  name="masked gradient")
+    torch.library.opcheck(torch.ops.fastjac.normal_.default, (torch.empty(3, 4),),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    torch.manual_seed(3)
+    draws = compiled_cpu.randn(2000, dtype=torch.float64, device="cpu")
+    torch.manual_seed(3)
+    assert_close(draws, torch.empty(2000, dtype=torch.float64).normal_(), rtol=0, atol=0, name="draws")
 
 
-def test_compiled_cpu_graph_keeps_relu_masks_opaque():
-    """Under torch.compile on a CPU, the chain's ReLU backward is the opaque op, not ATen's
-    threshold_backward (which inductor turns into a saved bool mask: that made the compiled MLP vjp step
-    1.2x eager); eager keeps ATen's op."""
+def _compiled_graph_targets(mode):
     torch.manual_seed(0)
     ensemble = Ensemble([models.mlp(hidden=(16, 8)) for _ in range(2)])
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    projections = make_projections("vjp", 1, x.shape, 10, generator=torch.Generator().manual_seed(1))
     graphs = []
 
     def capture(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    loss = _loss_fn(ensemble, "vjp", "members", "torch")
-    torch.compile(loss, fullgraph=True, backend=capture)(x, y, projections)
-    targets = {str(node.target) for graph in graphs for module in graph.modules()
-               if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes}
-    assert any("fastjac.relu_backward" in target for target in targets), sorted(targets)
-    assert not any("threshold_backward" in target for target in targets), sorted(targets)
+    def loss(x, y):  # the projections drawn inside the compiled step, as in a user's loop
+        penalty, logits = fastjac.jacobian_penalty(ensemble, x, mode=mode, backend="torch", return_logits=True)
+        return F.cross_entropy(logits.flatten(0, 1), y.repeat(2)) + 0.1 * penalty.sum()
+
+    torch.compile(loss, fullgraph=True, backend=capture)(x, y)
+    return {str(node.target) for graph in graphs for module in graph.modules()
+            if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes}
+
+
+def test_compiled_cpu_graph_calls_the_opaque_ops():
+    """Under torch.compile on a CPU the chain's ReLU backward and the jvp mode's Gaussian draw are the
+    opaque ops, not ATen's threshold_backward and randn (inductor's code for those made the compiled MLP
+    steps 1.2x eager here)."""
+    vjp, jvp = _compiled_graph_targets("vjp"), _compiled_graph_targets("jvp")
+    assert any("fastjac.relu_backward" in target for target in vjp), sorted(vjp)
+    assert not any("threshold_backward" in target for target in vjp), sorted(vjp)
+    assert any("fastjac.normal_" in target for target in jvp), sorted(jvp)
+    assert not any("randn" in target for target in jvp), sorted(jvp)
+
+
+def test_compiled_draws_differ_between_calls():
+    """Two draws of one shape in one compiled function stay two draws (not merged as a common
+    subexpression), and each compiled call draws afresh."""
+    def two_draws(x):
+        first = make_projections("jvp", 1, x.shape, 10)
+        second = make_projections("jvp", 1, x.shape, 10)
+        return first, second
+
+    x = torch.zeros(4, 3)
+    compiled = torch.compile(two_draws, fullgraph=True)
+    first, second = compiled(x)
+    again, _ = compiled(x)
+    assert not torch.equal(first, second) and not torch.equal(first, again)
+    assert 0.5 < float(torch.cat([first, second]).std()) < 1.5

@@ -37,32 +37,18 @@ from dataclasses import dataclass
 
 import torch
 
+from fastjac.ops import compiled_cpu
 from fastjac.ops.stacked_linear import stacked_product
 
-_aten_relu_backward = torch.ops.aten.threshold_backward.default  # g * (activation > 0), one fused pass
 _relu_backward_out = torch.ops.aten.threshold_backward.grad_input
 
 
-@torch.library.custom_op("fastjac::relu_backward", mutates_args=())
-def _opaque_relu_backward(grad: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
-    """ATen's threshold_backward(grad, activation, 0) behind a custom op, which torch.compile keeps as one
-    opaque call. Visible to inductor, it is decomposed into where(activation <= 0, 0, grad) and the
-    partitioner saves the bool mask for the backward; inductor's C++ for a bool output measured 10-20x
-    ATen's time on this project's CPU (torch 2.13: ``x <= 0`` on [5, 128, 256] 2.4 ms vs 0.11 ms), which
-    made the compiled MLP vjp step 1.2x the eager one. Opaque, the compiled step matches eager."""
-    return _aten_relu_backward(grad, activation, 0)
-
-
-@_opaque_relu_backward.register_fake
-def _(grad, activation):
-    return grad.new_empty(torch.broadcast_shapes(grad.shape, activation.shape))
-
-
 def _relu_backward(grad: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
-    """grad masked by activation > 0 (broadcast); under torch.compile on a CPU, the opaque op (above)."""
-    if torch.compiler.is_compiling() and grad.device.type == "cpu":
-        return _opaque_relu_backward(grad, activation)
-    return _aten_relu_backward(grad, activation, 0)
+    """grad where activation > 0, else 0 (broadcast): ATen's fused ReLU backward, opaque under
+    torch.compile on a CPU (``compiled_cpu``: inductor's code for it is slow there)."""
+    if compiled_cpu.applies(grad.device):
+        return compiled_cpu.relu_backward(grad, activation)
+    return torch.ops.aten.threshold_backward.default(grad, activation, 0)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,48 @@
+"""ATen calls that torch.compile must not generate code for on a CPU, as opaque custom ops.
+
+Inductor replaces an ATen op by C++ of its own; for two ops of a JR step that code measured far slower
+than ATen's kernel on this project's CPU (torch 2.13, a 2-core AVX-512 Xeon; ``scratch`` timings of the
+op alone, compiled vs eager):
+
+- ``threshold_backward`` (the ReLU masks of the linear chain) becomes ``where(activation <= 0, 0, grad)``
+  and the partitioner saves the bool mask for the backward; a bool output costs inductor 10-20x ATen's
+  time (``x <= 0`` on [5, 128, 256]: 2.4 ms vs 0.11 ms). The compiled MLP vjp step was 1.2x eager.
+- ``randn`` (the jvp mode's Gaussian directions u) becomes inductor's own counter-based generator: 3.4 ms
+  for u [1, 128, 784] against ATen's 0.4 ms. The compiled MLP jvp step was 1.2x eager.
+
+A custom op is one opaque call in the compiled graph, running ATen's kernel: the compiled steps then
+match or beat eager. On a GPU inductor's Triton code for both is fast, so ``applies`` is False there.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def applies(device: torch.device | str) -> bool:
+    """Whether a call on ``device`` should go through these ops: inside torch.compile, on a CPU."""
+    return torch.compiler.is_compiling() and torch.device(device).type == "cpu"
+
+
+@torch.library.custom_op("fastjac::relu_backward", mutates_args=())
+def relu_backward(grad: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+    """ATen's threshold_backward(grad, activation, 0): grad where activation > 0, else 0 (broadcast)."""
+    return torch.ops.aten.threshold_backward.default(grad, activation, 0)
+
+
+@relu_backward.register_fake
+def _(grad, activation):
+    return grad.new_empty(torch.broadcast_shapes(grad.shape, activation.shape))
+
+
+# In place, like ATen's normal_: a functional draw (no tensor in, one out) could be merged with another
+# of the same shape by the compiled graph's common-subexpression pass, which spares only ATen's random ops.
+@torch.library.custom_op("fastjac::normal_", mutates_args=("out",))
+def _normal_(out: torch.Tensor) -> None:
+    out.normal_()
+
+
+def randn(*shape: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Standard Gaussian draws from the global generator, like torch.randn."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    _normal_(out)
+    return out
