@@ -15,7 +15,7 @@ from torch import nn
 from dataclasses import dataclass, replace
 
 from fastjac import backends, engine, generic, reference
-from fastjac._checks import check_choice, check_inputs, check_matches_model, check_model_input, check_nproj
+from fastjac._checks import all_finite, check_choice, check_inputs, check_matches_model, check_model_input, check_nproj
 from fastjac.ensemble import Ensemble, fused_view
 from fastjac.ops import compiled_cpu, linear_chain
 
@@ -55,7 +55,7 @@ def _check_projections(projections: torch.Tensor, mode: str, x_shape, classes: i
         norms = projections.norm(dim=-1)
         if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
             raise ValueError("projections for mode='vjp' must have unit rows (Hoffman's estimator scales by C)")
-    if not torch.isfinite(projections).all():
+    if not all_finite(projections):
         raise ValueError("projections contain NaN or inf values")
 
 

@@ -717,3 +717,20 @@ def test_arch_choices_come_from_the_registry():
     for command in ("train", "reproduce", "verify"):
         arch = next(a for a in subparsers[command]._actions if a.dest == "arch")
         assert list(arch.choices) == list(models.ARCHITECTURES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite_answers_like_isfinite(dtype):
+    """The one-reduction finiteness check: NaN and inf of either sign found anywhere, both infinities at
+    once (their sum is NaN), and finite values whose sum overflows still count as finite."""
+    big = torch.finfo(dtype).max
+    cases = {"finite": torch.rand(7, 5, dtype=dtype), "overflowing sum": torch.full((4,), big, dtype=dtype)}
+    for name, value in (("nan", float("nan")), ("inf", float("inf")), ("-inf", float("-inf"))):
+        bad = torch.rand(7, 5, dtype=dtype)
+        bad[3, 2] = value
+        cases[name] = bad
+    both = torch.rand(6, dtype=dtype)
+    both[1], both[4] = float("inf"), float("-inf")
+    cases["inf and -inf"] = both
+    for name, x in cases.items():
+        assert _checks.all_finite(x) == bool(torch.isfinite(x).all()), name
