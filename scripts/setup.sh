@@ -11,6 +11,18 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv/"
     "$PYTHON" -m venv .venv
 fi
+# A fresh .venv takes ~2.1 GB (triton 1.0 GB, torch 0.75 GB) and pip unpacks through the temp dir: say so
+# plainly up front rather than fail half-installed with "No space left on device".
+if ! .venv/bin/python -c "import torch, triton" 2>/dev/null; then
+    need_mb=3000
+    for dir in . "${TMPDIR:-/tmp}"; do
+        free_mb=$(df -Pm "$dir" | awk 'NR == 2 {print $4}')
+        if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
+            echo "setup: ERROR: $free_mb MB free on the filesystem of $dir; installing torch and triton into .venv/ needs about $need_mb MB" >&2
+            exit 1
+        fi
+    done
+fi
 echo "setup: Python packages"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     torch==2.13.0 numpy triton pytest pytest-benchmark tqdm matplotlib ninja
