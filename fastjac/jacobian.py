@@ -292,13 +292,15 @@ class ForwardRecord:
     run: engine.Engine | None = None
     tape: engine.Tape | None = None
 
-    def penalty(self, nproj: int, classes: int) -> torch.Tensor:
+    def penalty(self, nproj: int, classes: int, of: torch.Tensor | None = None) -> torch.Tensor:
         """Hoffman's estimate with ``nproj`` fresh unit projections (-1: the exact basis), drawn from the
-        global generator exactly as the double-backprop path draws them: [M], or a scalar ("ensemble")."""
+        global generator exactly as the double-backprop path draws them: [M], or a scalar ("ensemble").
+        ``of``: the output the penalty is taken of (JacobianReg's y), which lets a chain's penalty hand its
+        weight gradients to the forward's backward (``linear_chain.RecordedPenalty``)."""
         shared_shape = tuple(self.x.shape[1:]) if self.per_member else tuple(self.x.shape)
         v, scale = _vjp_projections(None, nproj, shared_shape, classes, None, self.x)
         if self.chain is not None:
-            penalty = linear_chain.recorded_penalty(self.chain, v, scale, self.target)
+            penalty = linear_chain.recorded_penalty(self.chain, v, scale, self.target, after=of)
         else:
             penalty = _tape_penalty(self.run, self.tape, v, scale, self.target, shared_shape[0])
         return penalty.reshape(()) if self.target == "ensemble" else penalty
@@ -367,7 +369,7 @@ class JacobianReg(nn.Module):
         if record is not None:
             if record.x is not x:
                 raise ValueError("JacobianReg: y was computed by a fastjac Ensemble from another tensor than x")
-            return 0.5 * record.penalty(self.n, y.shape[-1])
+            return 0.5 * record.penalty(self.n, y.shape[-1], of=y)
         return 0.5 * self._double_backprop(x, y)
 
     def _double_backprop(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -183,3 +183,89 @@ def test_recorded_chain_functions_gradcheck_float64(backend, shared):
             return linear_chain.recorded_penalty(record, v, 0.7, target)
 
         assert torch.autograd.gradcheck(penalty, tuple(weights))
+
+
+def _recorded_penalty_node(tensor):
+    """The RecordedPenalty node in the graph of ``tensor``."""
+    pending, seen = [tensor.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "RecordedPenalty" in type(node).__name__:
+            return node
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    raise AssertionError("no RecordedPenalty node")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_penalty_hands_its_weight_gradients_to_the_forward(backend):
+    """The recorded penalty's backward leaves its weight gradients to the forward's backward (one
+    accumulation, no second gradient per weight for autograd to add) exactly when that backward runs in
+    the same call; every way of asking for gradients still gets the reference's: a full backward, two
+    penalties of one output, the penalty alone, the penalty's gradient w.r.t. y only (no hand-off: the
+    forward's backward does not run), ``backward(inputs=...)`` and a retained graph run twice."""
+    members, ensemble = members_and_ensemble("mlp")
+    params = list(ensemble.params().values())
+    names = list(ensemble.params())
+    t = torch.randint(0, 10, (5,))
+    x_data = torch.rand(5, 1, 28, 28, dtype=F64)
+
+    def losses(reg_count, with_ce, fast):
+        x = x_data.clone().requires_grad_(True)
+        y = ensemble(x) if fast else reference.ensemble_logits(members, x)
+        torch.manual_seed(5)
+        loss = F.cross_entropy(y, t) if with_ce else 0.0
+        for _ in range(reg_count):
+            loss = loss + 0.3 * JacobianReg(1)(x, y)
+        return loss, y
+
+    def reference_grads(reg_count=1, with_ce=True):
+        loss, _ = losses(reg_count, with_ce, fast=False)
+        return member_gradients(loss, members, names)
+
+    def check(grads, expected, what):
+        for name, a, b in zip(names, grads, expected):
+            assert_close(a, b, rtol=RTOL64, atol=1e-13 * float(b.abs().max()), name=f"{what}: grad {name}")
+
+    fastjac.backends.use(backend)
+    try:
+        handed = []
+        loss, y = losses(1, True, fast=True)
+        _recorded_penalty_node(loss).register_hook(lambda grad_inputs, _: handed.append(grad_inputs[-len(params):]))
+        ensemble.zero_grad()
+        loss.backward()
+        assert handed and all(g is None for g in handed[0]), "the penalty returned its weight gradients itself"
+        check([p.grad for p in params], reference_grads(), "full backward")
+        record = y._fastjac_record.chain
+        assert record.handoffs == {}
+
+        loss, _ = losses(2, True, fast=True)
+        check(torch.autograd.grad(loss, params), reference_grads(2), "two penalties")
+
+        loss, _ = losses(1, False, fast=True)
+        check(torch.autograd.grad(loss, params), reference_grads(with_ce=False), "penalty alone")
+
+        x = x_data.clone().requires_grad_(True)
+        y = ensemble(x)
+        torch.manual_seed(5)
+        penalty = JacobianReg(1)(x, y)
+        (grad_y,) = torch.autograd.grad(penalty, y, retain_graph=True, allow_unused=True)
+        assert grad_y is None or not grad_y.any()  # the penalty's y is an ordering edge, no gradient
+        assert y._fastjac_record.chain.handoffs == {}, "a hand-off was left for a backward that never ran"
+        check(torch.autograd.grad(F.cross_entropy(y, t) + 0.3 * penalty, params), reference_grads(),
+              "after a y-only gradient")
+
+        loss, _ = losses(1, True, fast=True)
+        ensemble.zero_grad()
+        loss.backward(inputs=[params[0]])
+        check([params[0].grad], reference_grads()[:1], "backward(inputs=...)")
+
+        loss, _ = losses(1, True, fast=True)
+        ensemble.zero_grad()
+        loss.backward(retain_graph=True)
+        loss.backward()
+        check([p.grad for p in params], [2 * g for g in reference_grads()], "retained graph, twice")
+    finally:
+        fastjac.backends.use(None)

@@ -33,6 +33,7 @@ cpp, 7-10% of a plain step at 2 threads). Neither the projections nor x get a gr
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -239,7 +240,8 @@ class ChainLogits(torch.autograd.Function):
     """Member logits [M, B, C] of the chain, the plain training step's forward, with the same products
     and hand-written backward as ChainPenalty (no projections, no penalty). With a ``record`` (a
     ``ChainRecord``), the forward also hands out what it saved, so a penalty can be formed from this
-    pass later (``RecordedPenalty``: ``fastjac.JacobianReg`` on an Ensemble's output)."""
+    pass later (``RecordedPenalty``: ``fastjac.JacobianReg`` on an Ensemble's output), and the backward
+    adds the weight gradients that penalty's backward handed over (``ChainRecord.handoffs``)."""
 
     @staticmethod
     def forward(ctx, backend, relus: tuple, has_bias: tuple, record, x, *params):
@@ -247,6 +249,7 @@ class ChainLogits(torch.autograd.Function):
         inputs, output = _forward_layers(backend.chain_products(), x, weights, biases, relus, x.shape[-2], 1)
         ctx.save_for_backward(*inputs, output, *weights)
         ctx.backend, ctx.relus, ctx.has_bias = backend, relus, has_bias
+        ctx.record = None if record is None else weakref.ref(record)  # the record holds this node: no cycle
         if record is not None:
             record.inputs, record.output = inputs, output
         return output
@@ -256,7 +259,9 @@ class ChainLogits(torch.autograd.Function):
         layers = len(ctx.relus)
         saved = ctx.saved_tensors
         inputs, output, weights = saved[:layers], saved[layers], saved[layers + 1:]
-        grad_weights = [None] * layers
+        record = None if ctx.record is None else ctx.record()
+        handed = None if record is None else record.handoffs.pop(torch._C._current_graph_task_id(), None)
+        grad_weights = [None] * layers if handed is None else list(handed)  # accumulated into in place
         grad_biases, grad_x = _backward_layers(ctx.backend.chain_products(), grad_logits.contiguous(), inputs, output,
                                                weights, ctx.relus, ctx.has_bias, grad_logits.shape[1], 1,
                                                grad_weights, input_grad=ctx.needs_input_grad[4])
@@ -266,56 +271,78 @@ class ChainLogits(torch.autograd.Function):
 class ChainRecord:
     """What a recorded chain forward keeps for a later penalty: the backend, the ReLU flags, the live
     weights [M, OUT, IN] (the autograd leaves the penalty's gradient flows to), and, once the forward ran,
-    each layer's input (``inputs[0]`` is x) and the output [M, B, C] (primal post-activations, no graph)."""
+    each layer's input (``inputs[0]`` is x) and the output [M, B, C] (primal post-activations, no graph),
+    and its autograd node (``node``).
+
+    ``handoffs`` maps an autograd graph task (one backward call) to weight gradients that a penalty's
+    backward formed and left for the forward's backward to accumulate into, rather than returning them:
+    autograd would otherwise add the two nodes' gradients of every weight (a fresh tensor and a pass
+    each). A penalty hands off only when the forward's node runs in that same backward call."""
 
     def __init__(self, backend, relus: tuple, weights):
         self.backend, self.relus, self.weights = backend, tuple(relus), list(weights)
-        self.inputs, self.output = None, None
+        self.inputs, self.output, self.node = None, None, None
+        self.handoffs: dict[int, list] = {}
 
 
 def chain_logits(backend, x: torch.Tensor, weights, biases, relus, record: ChainRecord | None = None):
     """Member logits [M, B, C] of the stacked chain; x [B, IN] shared or [M, B, IN]. Differentiable w.r.t.
     the weights, the biases and x; ``record`` (optional) receives the forward's saved activations."""
     has_bias = tuple(bias is not None for bias in biases)
-    return ChainLogits.apply(backend, tuple(relus), has_bias, record, x.contiguous(),
-                             *_join(weights, biases, has_bias))
+    logits = ChainLogits.apply(backend, tuple(relus), has_bias, record, x.contiguous(),
+                               *_join(weights, biases, has_bias))
+    if record is not None:
+        record.node = logits.grad_fn
+    return logits
 
 
 class RecordedPenalty(torch.autograd.Function):
     """The vjp penalty scale * ||c^T J_m||^2 (c [P*B, C] shared by the members) from a recorded chain
-    forward: only the cotangent chain runs (no second forward). Differentiable w.r.t. the weights."""
+    forward: only the cotangent chain runs (no second forward). Differentiable w.r.t. the weights.
+
+    ``after``: a tensor computed from the recorded forward's logits (what JacobianReg was given), or
+    None. Taken as an input (its gradient is None), it makes the forward's backward run after this
+    one's, so that this one can hand its weight gradients over (``ChainRecord.handoffs``)."""
 
     @staticmethod
-    def forward(ctx, backend, relus: tuple, target: str, scale: float, nproj: int, activations, c, *weights):
-        inputs, output = activations
-        ops = backend.chain_products()
-        cotangent, masked = _cotangent_chain(ops, c.expand(weights[0].shape[0], *c.shape), inputs, output,
-                                             weights, relus, nproj)
+    def forward(ctx, record, target: str, scale: float, nproj: int, after, c, *weights):
+        ops = record.backend.chain_products()
+        cotangent, masked = _cotangent_chain(ops, c.expand(weights[0].shape[0], *c.shape), record.inputs,
+                                             record.output, weights, record.relus, nproj)
         penalty, squared = _squared_norms(cotangent, target)
-        ctx.save_for_backward(squared, *masked, *inputs, *weights)
-        ctx.backend, ctx.relus, ctx.target, ctx.scale, ctx.nproj = backend, relus, target, scale, nproj
+        ctx.save_for_backward(squared, *masked, *record.inputs, *weights)
+        ctx.record, ctx.target, ctx.scale, ctx.nproj = record, target, scale, nproj
+        ctx.hand_off = after is not None and record.node is not None
         return scale * penalty
 
     @staticmethod
     def backward(ctx, grad_penalty):
-        layers = len(ctx.relus)
+        record = ctx.record
+        layers = len(record.relus)
         saved = ctx.saved_tensors
         squared, masked, inputs, weights = saved[0], saved[1:1 + layers], saved[1 + layers:1 + 2 * layers], saved[-layers:]
         members = weights[0].shape[0]
         factor = 2.0 * ctx.scale / (members if ctx.target == "ensemble" else 1)
         grad_c = ((factor * grad_penalty.view(-1, 1, 1)) * squared).expand(members, *squared.shape[1:])
         grad_weights = [None] * layers
-        _cotangent_chain_backward(ctx.backend.chain_products(), grad_c, masked, inputs, weights, ctx.relus, ctx.nproj,
-                                  grad_weights)
-        return (None,) * 7 + tuple(grad_weights)
+        _cotangent_chain_backward(record.backend.chain_products(), grad_c, masked, inputs, weights, record.relus,
+                                  ctx.nproj, grad_weights)
+        if ctx.hand_off and not torch.compiler.is_compiling() and torch._C._will_engine_execute_node(record.node):
+            task = torch._C._current_graph_task_id()
+            earlier = record.handoffs.get(task)  # another penalty of the same forward, same backward call
+            record.handoffs[task] = grad_weights if earlier is None else [a.add_(b) for a, b in zip(earlier, grad_weights)]
+            return (None,) * (6 + layers)
+        return (None,) * 6 + tuple(grad_weights)
 
 
-def recorded_penalty(record: ChainRecord, v: torch.Tensor, scale: float, target: str) -> torch.Tensor:
+def recorded_penalty(record: ChainRecord, v: torch.Tensor, scale: float, target: str,
+                     after: torch.Tensor | None = None) -> torch.Tensor:
     """Penalty [M] (target "members") or [1] ("ensemble") of Hoffman's estimator from a recorded forward:
-    v [P, B, C] the projections, ``scale`` the estimator's factor. Differentiable w.r.t. the weights."""
+    v [P, B, C] the projections, ``scale`` the estimator's factor. Differentiable w.r.t. the weights.
+    ``after``: the tensor the penalty is taken of (computed from the recorded logits), or None; see
+    RecordedPenalty."""
     rows = v.reshape(-1, v.shape[-1]).contiguous()
-    return RecordedPenalty.apply(record.backend, record.relus, target, scale, v.shape[0],
-                                 (record.inputs, record.output), rows, *record.weights)
+    return RecordedPenalty.apply(record, target, scale, v.shape[0], after, rows, *record.weights)
 
 
 class ChainPenalty(torch.autograd.Function):
