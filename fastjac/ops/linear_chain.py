@@ -260,7 +260,8 @@ class ChainLogits(torch.autograd.Function):
         saved = ctx.saved_tensors
         inputs, output, weights = saved[:layers], saved[layers], saved[layers + 1:]
         record = None if ctx.record is None else ctx.record()
-        handed = None if record is None else record.handoffs.pop(torch._C._current_graph_task_id(), None)
+        handed = record.handoffs.pop(torch._C._current_graph_task_id(), None) if record is not None and record.handoffs \
+            else None
         grad_weights = [None] * layers if handed is None else list(handed)  # accumulated into in place
         grad_biases, grad_x = _backward_layers(ctx.backend.chain_products(), grad_logits.contiguous(), inputs, output,
                                                weights, ctx.relus, ctx.has_bias, grad_logits.shape[1], 1,
