@@ -55,8 +55,11 @@ def _(out):
 
 
 def relu_backward(grad: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
-    """ATen's threshold_backward(grad, activation, 0): grad where activation > 0, else 0 (broadcast)."""
-    return torch.ops.fastjac.relu_backward.default(grad, activation)
+    """ATen's threshold_backward(grad, activation, 0): grad where activation > 0, else 0 (broadcast);
+    through the opaque op where ``applies``."""
+    if applies(grad.device):
+        return torch.ops.fastjac.relu_backward.default(grad, activation)
+    return _relu_backward(grad, activation)
 
 
 def randn(*shape: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

@@ -44,12 +44,9 @@ from fastjac.ops.stacked_linear import stacked_product
 _relu_backward_out = torch.ops.aten.threshold_backward.grad_input
 
 
-def _relu_backward(grad: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
-    """grad where activation > 0, else 0 (broadcast): ATen's fused ReLU backward, opaque under
-    torch.compile on a CPU (``compiled_cpu``: inductor's code for it is slow there)."""
-    if compiled_cpu.applies(grad.device):
-        return compiled_cpu.relu_backward(grad, activation)
-    return torch.ops.aten.threshold_backward.default(grad, activation, 0)
+# g * (activation > 0), ATen's fused ReLU backward in one pass (opaque under torch.compile on a CPU:
+# inductor's code for it is slow there, see compiled_cpu)
+_relu_backward = compiled_cpu.relu_backward
 
 
 @dataclass(frozen=True)
@@ -260,8 +257,9 @@ class ChainLogits(torch.autograd.Function):
         saved = ctx.saved_tensors
         inputs, output, weights = saved[:layers], saved[layers], saved[layers + 1:]
         record = None if ctx.record is None else ctx.record()
-        handed = record.handoffs.pop(torch._C._current_graph_task_id(), None) if record is not None and record.handoffs \
-            else None
+        handed = None
+        if record is not None and record.handoffs:  # a penalty of this forward left its weight gradients
+            handed = record.handoffs.pop(torch._C._current_graph_task_id(), None)
         grad_weights = [None] * layers if handed is None else list(handed)  # accumulated into in place
         grad_biases, grad_x = _backward_layers(ctx.backend.chain_products(), grad_logits.contiguous(), inputs, output,
                                                weights, ctx.relus, ctx.has_bias, grad_logits.shape[1], 1,
