@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from fastjac._checks import all_finite
+
 try:
     import fcntl
 except ImportError:  # not POSIX (Windows): outputs are written atomically but not locked
@@ -243,7 +245,7 @@ def is_checkpoint_file(path) -> bool:
 def check_finite_state(state: dict, path) -> None:
     """Every floating tensor of a state dict finite: a model with NaN weights predicts garbage silently."""
     for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise ValueError(f"{path}: tensor {name!r} holds NaN or inf values (a diverged or damaged model)")
 
 
@@ -348,7 +350,7 @@ def load_uap(path) -> dict:
         raise ValueError(f"{path}: eps and targets must be lists of K = {k} entries ({expected})")
     if not all(isinstance(e, float) and math.isfinite(e) and 0 < e <= 1 for e in eps):
         raise ValueError(f"{path}: eps must be floats in (0, 1], got {eps}")
-    if not torch.isfinite(delta).all():
+    if not all_finite(delta):
         raise ValueError(f"{path}: delta holds NaN or inf values")
     for index, bound in enumerate(eps):
         if float(delta[index].abs().max()) > bound * (1 + 1e-6):
