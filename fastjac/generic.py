@@ -6,6 +6,18 @@ go: data-dependent control flow), ``jvp`` carries the P tangent directions besid
 (vmapped over the directions), and the vjp mode is one reverse pass over all members and projections
 (``autograd.grad`` with batched cotangents, ``create_graph`` so the penalty is differentiable).
 
+Members that run one at a time avoid two of PyTorch's costs that the transforms cannot (measured on the
+benchmark's branchy member, this project's CPU; bench/RESULTS.md):
+
+- jvp mode, one direction: ``torch.autograd.forward_ad`` dual tensors, with ``TangentRules`` giving
+  Conv2d, Linear and MaxPool2d the tangent of the map itself. PyTorch's forward-mode formulas also
+  convolve the primal with the weight's tangent, which is zero here but materialized (a third convolution
+  per Conv2d; two extra products per Linear) and run MaxPool2d twice.
+- vjp mode: stride-1 Conv2d layers run as ``StrideOneConv2d``, whose input gradient (the transposed
+  convolution the penalty differentiates again) is the faster of ATen's kernel and a forward
+  convolution with the flipped kernel (``fastjac.ops.conv_transpose``); ATen's was up to 5x slower for
+  a LeNet-like first layer on this CPU.
+
 Buffers: inside the transforms nothing is mutated. A BatchNorm that normalizes with its batch's
 statistics (train mode) runs as ``BatchStatisticsNorm`` (plain ops under jvp: see there why), its batch mean and
 variance are returned beside the logits, and the running statistics are updated once afterwards exactly
@@ -19,12 +31,15 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 from fastjac.layers import update_running_stats
 from fastjac.ops import batch_norm as batch_norm_op
+from fastjac.ops import conv_transpose
 
 log = logging.getLogger("fastjac.generic")
 
@@ -96,13 +111,82 @@ class BatchStatisticsNorm(nn.Module):
         return y
 
 
+def _stride_one_padding(module: nn.Module):
+    """A plain stride-1 Conv2d's symmetric padding (pair), or None where ``StrideOneConv2d`` does not apply."""
+    if type(module) is not nn.Conv2d or module.stride != (1, 1) or module.groups != 1 or module.padding_mode != "zeros":
+        return None
+    if module.padding == "valid":
+        return (0, 0)
+    if module.padding == "same":  # symmetric only for an even total
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        return None if any(total % 2 for total in totals) else tuple(total // 2 for total in totals)
+    return tuple(module.padding)
+
+
+class StrideOneConv2d(nn.Module):
+    """A stride-1, groups-1 ``nn.Conv2d`` whose input gradient is ``conv_transpose.conv_transpose2d`` (the
+    faster of two kernels, see there) where x requires grad outside the torch.func transforms and forward
+    mode (the members run one at a time); ATen's F.conv2d otherwise. Same parameter names."""
+
+    def __init__(self, source: nn.Conv2d, padding: tuple):
+        super().__init__()
+        self.padding, self.dilation = padding, tuple(source.dilation)
+        self.weight = nn.Parameter(torch.empty_like(source.weight))
+        self.bias = nn.Parameter(torch.empty_like(source.bias)) if source.bias is not None else None
+
+    def forward(self, x):
+        if (x.requires_grad and torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
+                and fwAD.unpack_dual(x).tangent is None):
+            return conv_transpose.conv2d(x, self.weight, self.bias, self.padding, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, 1, self.padding, self.dilation)
+
+
+def _conv2d_tangent(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    primal, tangent = fwAD.unpack_dual(x)
+    return fwAD.make_dual(F.conv2d(primal, weight, bias, stride, padding, dilation, groups),
+                          F.conv2d(tangent, weight, None, stride, padding, dilation, groups))
+
+
+def _linear_tangent(x, weight, bias=None):
+    primal, tangent = fwAD.unpack_dual(x)
+    return fwAD.make_dual(F.linear(primal, weight, bias), F.linear(tangent, weight))
+
+
+def _max_pool2d_tangent(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    primal, tangent = fwAD.unpack_dual(x)
+    y, indices = F.max_pool2d(primal, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
+    y = fwAD.make_dual(y, tangent.flatten(-2).gather(-1, indices.flatten(-2)).view_as(y))
+    return (y, indices) if return_indices else y
+
+
+class TangentRules(TorchFunctionMode):
+    """Inside a ``forward_ad.dual_level``: F.conv2d, F.linear and F.max_pool2d of a dual input with
+    tangent-free weights compute the tangent as the map itself (conv/linear without bias; the pooled
+    positions), instead of PyTorch's formulas, which add a materialized zero term for the weights'
+    tangents (see the module docstring). Anything else runs unchanged."""
+
+    RULES = {torch.conv2d: _conv2d_tangent, F.conv2d: _conv2d_tangent, F.linear: _linear_tangent,
+             F.max_pool2d: _max_pool2d_tangent}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rule = self.RULES.get(func)
+        if (rule is not None and args and isinstance(args[0], torch.Tensor)
+                and fwAD.unpack_dual(args[0]).tangent is not None
+                and all(fwAD.unpack_dual(a).tangent is None for a in (*args[1:], *kwargs.values())
+                        if isinstance(a, torch.Tensor))):
+            return rule(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 # architecture -> (the modes it was prepared in, its functional copy), rebuilt when a mode changes
 _FUNCTIONAL: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _functional_template(template: nn.Module) -> nn.Module:
     """A copy of the member architecture with every BatchNorm that uses batch statistics (train mode, or no
-    running statistics) replaced by ``BatchStatisticsNorm``; cached per architecture and modes."""
+    running statistics) replaced by ``BatchStatisticsNorm`` and every plain stride-1 Conv2d by
+    ``StrideOneConv2d``; cached per architecture and modes."""
     modes = tuple(module.training for module in template.modules())
     cached = _FUNCTIONAL.get(template)
     if cached is not None and cached[0] == modes:
@@ -112,6 +196,9 @@ def _functional_template(template: nn.Module) -> nn.Module:
         if isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats):
             parent, _, child = name.rpartition(".")
             setattr(functional.get_submodule(parent), child, BatchStatisticsNorm(module, name))
+        elif (padding := _stride_one_padding(module)) is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(functional.get_submodule(parent), child, StrideOneConv2d(module, padding))
     _FUNCTIONAL[template] = (modes, functional)
     return functional
 
@@ -148,9 +235,10 @@ class _MemberCall:
             update_running_stats(*running, mean, var, count, norm.momentum)
 
 
-def _over_members(call, members: Members, state: dict, inputs: tuple, in_dims: tuple):
+def _over_members(call, members: Members, state: dict, inputs: tuple, in_dims: tuple, looped_call=None):
     """``call(state_m, *inputs_m)`` for every member, stacked: vmap over the members, or a loop for
-    members vmap cannot run. ``in_dims`` gives each input's member axis (None: shared)."""
+    members vmap cannot run (calling ``looped_call`` there, where given). ``in_dims`` gives each input's
+    member axis (None: shared)."""
     template = members.template
     if template not in _LOOPED:
         try:
@@ -165,7 +253,7 @@ def _over_members(call, members: Members, state: dict, inputs: tuple, in_dims: t
     # of a vjp step of the benchmark's branchy ensemble, M = 5)
     state_parts = {name: tensor.unbind(0) for name, tensor in state.items()}
     input_parts = [None if dim is None else x.unbind(dim) for x, dim in zip(inputs, in_dims)]
-    results = []
+    results, call = [], looped_call or call
     for index in range(members.count):
         member_state = {name: parts[index] for name, parts in state_parts.items()}
         member_inputs = (x if parts is None else parts[index] for x, parts in zip(inputs, input_parts))
@@ -200,7 +288,14 @@ def jvp(model: nn.Module, x: torch.Tensor, u: torch.Tensor, per_member: bool = F
         logits, tangents, stats = torch.func.vmap(directions, randomness="same")(u)
         return logits[0], tangents, torch.utils._pytree.tree_map(lambda s: s[0], stats)
 
-    logits, tangents, stats = _over_members(member, members, call.state, (x,), (0 if per_member else None,))
+    def member_by_dual_numbers(state, x_m):  # one member at a time, one direction (see the module docstring)
+        with fwAD.dual_level(), TangentRules():
+            out, stats = call(state, fwAD.make_dual(x_m, u[0]))
+            logits, tangents = fwAD.unpack_dual(out)
+        return logits, tangents.unsqueeze(0), stats
+
+    logits, tangents, stats = _over_members(member, members, call.state, (x,), (0 if per_member else None,),
+                                            member_by_dual_numbers if u.shape[0] == 1 else None)
     call.update(stats)
     return logits, tangents
 

@@ -1,6 +1,6 @@
 """The generic torch.func path (fastjac/generic.py) for members the registry does not fuse, against the
 reference: an untraceable member (data-dependent control flow: the per-member loop), an unfusable one
-(vmap over the members), BatchNorm in train mode on this path (the running statistics once per pass, no
+(vmap over the members), an untraceable CNN (the loop's dual numbers and stride-1 convolutions), BatchNorm in train mode on this path (the running statistics once per pass, no
 in-place update inside the transforms: the jvp mode used to crash), single modules and per-member inputs.
 Logits, penalties (both modes and targets, nproj 1 and 3, M 1 and 5) and every parameter gradient in
 float64."""
@@ -12,6 +12,7 @@ from torch import nn
 
 import fastjac
 from fastjac import Ensemble, generic, jacobian_penalty, reference
+from fastjac.ops import conv_transpose
 from fastjac.testing import RTOL64, member_grads, stacked_grads, upstream_weights
 from tests.engine_cases import (F64, assert_grads_close, assert_logits_match_reference,
                                 assert_penalty_matches_reference, make_input, make_projections, reference_penalty)
@@ -34,21 +35,42 @@ class Gated(nn.Module):
         return self.fc2(h)
 
 
+class GatedCNN(nn.Module):
+    """An untraceable CNN (members looped): stride-1 convolutions (one with padding="same" and dilation 2),
+    BatchNorm, ReLU, MaxPool2d, Linear, and a residual convolution taken on a data-dependent branch. Its
+    members run the jvp mode on dual numbers with ``generic.TangentRules`` and the vjp mode with
+    ``generic.StrideOneConv2d``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Conv2d(1, 3, 3, padding=1)
+        self.block = nn.Conv2d(3, 3, 3, padding="same", dilation=2)
+        self.norm, self.pool, self.fc = nn.BatchNorm2d(3), nn.MaxPool2d(2), nn.Linear(3 * 14 * 14, 5)
+
+    def forward(self, x):
+        a = self.gate(x)
+        if a.sum() > 0:
+            a = a + self.block(a)
+        return self.fc(self.pool(torch.relu(self.norm(a))).flatten(1))
+
+
 def hardtanh_cnn():
     """Unfusable (Hardtanh) but vmappable, with a BatchNorm."""
     return nn.Sequential(nn.Conv2d(1, 3, 3, stride=3), nn.BatchNorm2d(3), nn.Hardtanh(), nn.Flatten(),
                          nn.Linear(3 * 9 * 9, 5))
 
 
-MODELS = {"gated": Gated, "hardtanh_cnn": hardtanh_cnn}
+MODELS = {"gated": Gated, "gated_cnn": GatedCNN, "hardtanh_cnn": hardtanh_cnn}
+GATES = {"gated": "fc1", "gated_cnn": "gate"}  # the layer whose bias sends member 0 down the other branch
+NORMS = {"gated_cnn": "norm", "hardtanh_cnn": "1"}  # the BatchNorm's name
 
 
 def make_generic_case(name, members, train=False, seed=0):
     torch.manual_seed(seed)
     mods = [MODELS[name]().to(F64).train(train) for _ in range(members)]
-    if name == "gated":  # both branches among the members
+    if name in GATES:  # both branches among the members
         with torch.no_grad():
-            mods[0].fc1.bias.fill_(3.0)
+            getattr(mods[0], GATES[name]).bias.fill_(3.0)
     ensemble = Ensemble(copy.deepcopy(mods)).train(train)
     assert ensemble.graph is None
     return mods, ensemble, make_input(3, low=-1.0)
@@ -88,21 +110,50 @@ def test_generic_penalty_matches_reference(name, members, mode, target, nproj):
                                          name)
 
 
+@pytest.mark.parametrize("name", list(NORMS))
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
 @pytest.mark.parametrize("target", ["members", "ensemble"])
-def test_generic_batchnorm_in_train_mode(mode, target):
+def test_generic_batchnorm_in_train_mode(name, mode, target):
     """Regression (issue 11): BatchNorm in train mode on the generic path crashed in the jvp mode. It runs,
     equals the reference (whose BatchNorm computes its batch statistics in plain ops: see
-    tests/engine_cases.py), and updates the running statistics once, as a plain forward does."""
-    mods, ensemble, x = make_generic_case("hardtanh_cnn", 3, train=True)
+    tests/engine_cases.py), and updates the running statistics once, as a plain forward does: members
+    vmapped (hardtanh_cnn) and looped (gated_cnn, nproj 1: on dual numbers)."""
+    mods, ensemble, x = make_generic_case(name, 3, train=True)
+    nproj = 1 if name == "gated_cnn" else 2
     with pytest.warns(UserWarning, match="generic"):
-        assert_penalty_matches_reference(mods, ensemble, x, mode, target, make_projections(mode, 2, x, 5), None,
+        assert_penalty_matches_reference(mods, ensemble, x, mode, target, make_projections(mode, nproj, x, 5), None,
                                          "generic batchnorm")
     for member in mods:
         member(x)  # one plain training forward each
     for key in ("running_mean", "running_var", "num_batches_tracked"):
-        expected = torch.stack([dict(m.named_buffers())[f"1.{key}"] for m in mods])
-        assert_close(ensemble.buffers_by_name()[f"1.{key}"], expected, rtol=RTOL64, atol=RTOL64, name=key)
+        buffer = f"{NORMS[name]}.{key}"
+        expected = torch.stack([dict(m.named_buffers())[buffer] for m in mods])
+        assert_close(ensemble.buffers_by_name()[buffer], expected, rtol=RTOL64, atol=RTOL64, name=key)
+
+
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+@pytest.mark.parametrize("method", conv_transpose.METHODS)
+def test_looped_members_take_the_dual_numbers_and_the_stride_one_convolutions(mode, method, monkeypatch):
+    """One member at a time: the jvp mode (one direction) runs every Conv2d, Linear and MaxPool2d through
+    TangentRules, and the vjp mode every stride-1 convolution's input gradient through conv_transpose (each
+    method forced in turn), and both equal the reference with their gradients."""
+    used = []
+    for func, rule in list(generic.TangentRules.RULES.items()):
+        monkeypatch.setitem(generic.TangentRules.RULES, func,
+                            lambda *a, rule=rule, **k: used.append(rule.__name__) or rule(*a, **k))
+    monkeypatch.setattr(conv_transpose, "transpose_method", lambda *args: method)
+    transposes = conv_transpose.transpose_forward
+    monkeypatch.setattr(conv_transpose, "transpose_forward", lambda *a: used.append(a[-1]) or transposes(*a))
+    mods, ensemble, x = make_generic_case("gated_cnn", 2)
+    with pytest.warns(UserWarning, match="generic"):
+        assert_penalty_matches_reference(mods, ensemble, x, mode, "members", make_projections(mode, 1, x, 5), None,
+                                         "looped")
+    assert ensemble._template[0] in generic._LOOPED
+    if mode == "jvp":  # member 0 takes the block: 2 convolutions; member 1 one or two
+        assert {"_conv2d_tangent", "_linear_tangent", "_max_pool2d_tangent"} <= set(used)
+        assert used.count("_conv2d_tangent") >= 3 and method not in used
+    else:  # the first backward transposes member 0's two convolutions and at least member 1's first
+        assert set(used) == {method} and len(used) >= 3
 
 
 def test_generic_member_logits_in_train_mode_update_running_statistics_once():
