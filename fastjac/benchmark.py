@@ -14,9 +14,10 @@ What builds on it lives in ``bench/``: the target checks (``python -m bench.targ
 estimator-variance study (``python -m bench.variance``), ablations, and the pytest-benchmark suites
 (``bench/bench_*.py``, the same closures under pytest-benchmark, and one file per fused op).
 
-Architectures: every entry of ``fastjac.models.ARCHITECTURES`` (the engine fuses them), plus ``branchy``,
-defined here: a member whose forward branches on its data, which no engine can trace, so its rows
-measure the generic path against the reference.
+Architectures: every entry of ``fastjac.models.ARCHITECTURES`` (the engine fuses them), plus two defined
+here whose rows measure the generic path against the reference: ``branchy``, a member whose forward
+branches on its data, which no engine can trace, and ``lenet_hardtanh``, a LeNet with an activation the
+registry does not fuse.
 
 FLOPs: the GEMM/convolution FLOPs one call executes, counted with ``torch.utils.flop_counter``'s formulas
 over the ATen ops it dispatches (mm, addmm, bmm, baddbmm and convolution, backward included). The C++
@@ -246,7 +247,13 @@ class Branchy(nn.Module):
         return self.head(h)
 
 
-UNFUSED_ARCHS = {"branchy": Branchy}
+def lenet_hardtanh() -> nn.Sequential:
+    """LeNet with Hardtanh for its ReLUs: a layer the registry does not fuse, in a member vmap can run (the
+    generic path's other kind of member, beside ``Branchy``)."""
+    return nn.Sequential(*(nn.Hardtanh() if isinstance(layer, nn.ReLU) else layer for layer in models.lenet()))
+
+
+UNFUSED_ARCHS = {"branchy": Branchy, "lenet_hardtanh": lenet_hardtanh}
 
 
 def arch_names() -> list[str]:
@@ -827,7 +834,8 @@ def format_markdown(rows: Sequence[dict], header_info: dict) -> str:
         "GFLOP/s: the GEMM/convolution FLOPs one call executes (torch.utils.flop_counter formulas over its ATen "
         "ops, counted on the torch backend; a compiled case on its eager twin). torch.compile rows: compiled "
         "before timing; [n graphs, k graph breaks] as Dynamo made them. branchy: a member with data-dependent "
-        "control flow that no engine fuses (its JR rows are the generic path). "
+        "control flow that no engine fuses; lenet_hardtanh: LeNet with Hardtanh, not fused (the JR rows of both "
+        "are the generic path). "
         + ("peak MiB: growth of torch.cuda.max_memory_allocated over one call."
            if memory_header == "peak MiB" else
            "saved-act MiB: bytes autograd saves for backward in one call (saved_tensors_hooks, once per storage); "

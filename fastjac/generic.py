@@ -1,12 +1,12 @@
 """The generic path: members the layer registry does not fuse, on torch.func.
 
 ``torch.func.functional_call`` runs the member architecture over one member's slice of the stacked
-parameters and buffers, ``vmap`` runs all M members at once (a per-member loop only where vmap cannot
-go: data-dependent control flow), ``jvp`` carries the P tangent directions beside one primal pass
+parameters and buffers, ``vmap`` runs all M members at once off the CPU (one at a time on the CPU, see
+``members_at_once``, and wherever vmap cannot go: data-dependent control flow), ``jvp`` carries the P tangent directions beside one primal pass
 (vmapped over the directions), and the vjp mode is one reverse pass over all members and projections
 (``autograd.grad`` with batched cotangents, ``create_graph`` so the penalty is differentiable).
 
-Members that run one at a time avoid two of PyTorch's costs that the transforms cannot (measured on the
+Members that run one at a time (all, on the CPU) avoid two of PyTorch's costs that the transforms cannot (measured on the
 benchmark's branchy member, this project's CPU; bench/RESULTS.md):
 
 - jvp mode, one direction: ``torch.autograd.forward_ad`` dual tensors, with ``TangentRules`` giving
@@ -69,6 +69,15 @@ def members_of(model: nn.Module) -> Members:
 
 # members that vmap cannot run (data-dependent control flow): they run one at a time
 _LOOPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def members_at_once(device: torch.device) -> bool:
+    """Whether the members run at once under vmap (off the CPU, where batching them fills the device) or
+    one at a time (on the CPU). Measured on this project's 2-core CPU, M = 5, B = 128, reference step /
+    generic step (bench/RESULTS.md): a LeNet with Hardtanh (vmappable, not fused) 0.86x (vjp) and 1.10x
+    (jvp) with vmap, 1.43x and 1.72x one at a time (vmap's batched convolutions, and the loop's fast paths
+    above); an MLP with Hardtanh 0.99x / 1.06x against 0.96x / 1.12x (the same products either way)."""
+    return device.type != "cpu"
 
 
 class BatchStatisticsNorm(nn.Module):
@@ -236,11 +245,11 @@ class _MemberCall:
 
 
 def _over_members(call, members: Members, state: dict, inputs: tuple, in_dims: tuple, looped_call=None):
-    """``call(state_m, *inputs_m)`` for every member, stacked: vmap over the members, or a loop for
-    members vmap cannot run (calling ``looped_call`` there, where given). ``in_dims`` gives each input's
-    member axis (None: shared)."""
+    """``call(state_m, *inputs_m)`` for every member, stacked: vmap over the members (``members_at_once``),
+    or a loop, also for members vmap cannot run (calling ``looped_call`` there, where given). ``in_dims``
+    gives each input's member axis (None: shared)."""
     template = members.template
-    if template not in _LOOPED:
+    if template not in _LOOPED and members_at_once(inputs[0].device):
         try:
             return torch.func.vmap(call, in_dims=(0, *in_dims), randomness="different")(state, *inputs)
         except RuntimeError as error:

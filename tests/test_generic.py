@@ -19,6 +19,7 @@ from tests.engine_cases import (F64, assert_grads_close, assert_logits_match_ref
 from tests.helpers import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+MEMBERS_AT_ONCE = generic.members_at_once  # the library's choice (the ``at_once`` fixture replaces it)
 
 
 class Gated(nn.Module):
@@ -81,21 +82,39 @@ def _fresh_warnings(monkeypatch):
     monkeypatch.setattr(fastjac.ensemble, "_warned", set())  # the warning is once per process
 
 
-def test_untraceable_member_takes_the_generic_path_with_a_warning():
+@pytest.fixture(autouse=True, params=["loop", "vmap"])
+def at_once(request, monkeypatch):
+    """Every test twice: the CPU's choice (members one at a time) and vmap over the members (other devices'
+    choice, forced here so that it is tested on the CPU too). Returns whether vmap is allowed."""
+    if request.param == "vmap":
+        monkeypatch.setattr(generic, "members_at_once", lambda device: True)
+    return request.param == "vmap"
+
+
+def test_untraceable_member_takes_the_generic_path_with_a_warning(at_once):
     mods, ensemble, x = make_generic_case("gated", 3)
     assert "torch.fx cannot trace Gated" in ensemble.unsupported
     with pytest.warns(UserWarning, match="generic torch.func path .*cannot trace Gated"):
         value = jacobian_penalty(ensemble, x, nproj=2, mode="jvp", projections=make_projections("jvp", 2, x, 5))
     assert_close(value, reference_penalty(mods, x, "jvp", "members", make_projections("jvp", 2, x, 5)),
                  rtol=RTOL64, atol=0, name="gated jvp")
-    assert ensemble._template[0] in generic._LOOPED, "vmap cannot run Gated: one member at a time"
+    assert (ensemble._template[0] in generic._LOOPED) == at_once, "vmap cannot run Gated: one member at a time"
 
 
-def test_unfusable_but_vmappable_member_runs_all_members_at_once():
+def test_unfusable_but_vmappable_member_runs_all_members_at_once_where_vmap_is_chosen(at_once, monkeypatch):
+    vmapped = []
+    vmap = torch.func.vmap
+    monkeypatch.setattr(torch.func, "vmap", lambda *a, **k: vmapped.append(1) or vmap(*a, **k))
     mods, ensemble, x = make_generic_case("hardtanh_cnn", 3)
     with pytest.warns(UserWarning, match="Hardtanh is not fused"):
         assert_logits_match_reference(mods, ensemble, x, None, "hardtanh_cnn")
     assert ensemble._template[0] not in generic._LOOPED
+    assert bool(vmapped) == at_once
+
+
+def test_members_run_at_once_off_the_cpu_only():
+    assert not MEMBERS_AT_ONCE(torch.device("cpu"))
+    assert MEMBERS_AT_ONCE(torch.device("cuda", 0)) and MEMBERS_AT_ONCE(torch.device("meta"))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -148,7 +167,6 @@ def test_looped_members_take_the_dual_numbers_and_the_stride_one_convolutions(mo
     with pytest.warns(UserWarning, match="generic"):
         assert_penalty_matches_reference(mods, ensemble, x, mode, "members", make_projections(mode, 1, x, 5), None,
                                          "looped")
-    assert ensemble._template[0] in generic._LOOPED
     if mode == "jvp":  # member 0 takes the block: 2 convolutions; member 1 one or two
         assert {"_conv2d_tangent", "_linear_tangent", "_max_pool2d_tangent"} <= set(used)
         assert used.count("_conv2d_tangent") >= 3 and method not in used
