@@ -16,6 +16,7 @@ from torch import nn
 
 from fastjac import Ensemble, backends, jacobian_penalty, layers
 from fastjac.engine import Engine
+from fastjac.ops import conv_transpose
 from fastjac.testing import RTOL64
 from tests.engine_cases import (F64, assert_logits_match_reference, assert_penalty_matches_reference, make_input,
                                 make_projections)
@@ -181,6 +182,22 @@ def test_penalty_matches_reference(name, members, mode, target, nproj):
 def test_penalty_matches_reference_in_every_layout(name, mode, target):
     mods, ensemble, x = make_case(name, 5)
     assert_penalty_matches_reference(mods, ensemble, x, mode, target, make_projections(mode, 3, x, 5), None, name)
+
+
+@pytest.mark.parametrize("name", ["same_padding", "strided_pointwise"])
+@pytest.mark.parametrize("method", conv_transpose.METHODS)
+@pytest.mark.usefixtures("passes")
+def test_stride_one_convolutions_transpose_by_either_method(name, method, monkeypatch):
+    """The vjp mode transposes a stride-1 Conv2d by ops/conv_transpose (the method timed per shape): each
+    method forced in turn equals the reference, penalty and parameter gradients (symmetric and asymmetric
+    "same" padding, dilation 2, the 1x1 after a subsample)."""
+    used = []
+    monkeypatch.setattr(conv_transpose, "transpose_method", lambda *args: method)
+    transposes = conv_transpose.transpose_forward
+    monkeypatch.setattr(conv_transpose, "transpose_forward", lambda *a: used.append(a[-1]) or transposes(*a))
+    mods, ensemble, x = make_case(name, 3)
+    assert_penalty_matches_reference(mods, ensemble, x, "vjp", "members", make_projections("vjp", 2, x, 5), None, name)
+    assert used and set(used) == {method}
 
 
 def test_every_registered_kind_has_a_case():
