@@ -123,3 +123,24 @@ def test_transpose_method_falls_back_to_aten_where_flipping_does_not_apply():
     g, w = torch.randn(1, 2, 8, 8), torch.randn(2, 2, 1, 1)
     assert_close(conv_transpose.conv_transpose2d(g, w, (2, 2), (1, 1)), F.conv_transpose2d(g, w, None, 1, 2),
                  rtol=1e-6, atol=1e-6, name="large padding")
+
+
+def test_under_torch_compile_both_are_atens_ops():
+    """Regression: the timed choice and the engine queries do not trace (inductor failed on ResNet-8's
+    compiled vjp step), so under torch.compile both functions are ATen's convolutions."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(x, w, g):
+        return conv_transpose.conv2d(x, w, None, (1, 1), (1, 1)), conv_transpose.conv_transpose2d(g, w, (1, 1), (1, 1))
+
+    x, w, g = torch.randn(2, 1, 6, 6, requires_grad=True), torch.randn(3, 1, 3, 3), torch.randn(2, 3, 6, 6)
+    compiled = torch.compile(f, backend=backend, fullgraph=True)(x, w, g)
+    code = graphs[0].code
+    assert "conv2d" in code and "conv_transpose2d" in code
+    assert "autograd_function" not in code and "_Transpose" not in code and "_Conv2d" not in code
+    for a, e in zip(compiled, f(x, w, g)):
+        assert_close(a, e, rtol=1e-6, atol=1e-6, name="compiled")

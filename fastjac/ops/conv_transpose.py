@@ -7,7 +7,8 @@ kernel's channels swapped and its taps flipped, and for other shapes 2.6x faster
 Xeon VM, torch 2.13, 2 threads, B = 128: a LeNet first layer's [128, 6, 28, 28] -> [128, 1, 28, 28], 5x5:
 10.9 against 2.3 ms; 16 -> 3 channels at 32x32, 3x3: 4.4 against 11.3 ms; see bench/RESULTS.md). No rule
 of channel counts picked the right one, so each configuration's first call times both and keeps the
-faster (``transpose_method``), as cuDNN's benchmark mode does; off the CPU ATen's kernel always runs.
+faster (``transpose_method``), as cuDNN's benchmark mode does; off the CPU ATen's kernel always runs, and
+under torch.compile both functions are ATen's ops.
 
     conv2d(x, weight, bias, padding, dilation) -> y [N, COUT, H', W']     stride 1, groups 1, zero padding
     conv_transpose2d(g, weight, padding, dilation) -> [N, CIN, H, W]      the adjoint of conv2d in x: x's
@@ -138,14 +139,17 @@ def _pair(value) -> tuple[int, int]:
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, dilation) -> torch.Tensor:
     """F.conv2d(x, weight, bias, 1, padding, dilation), x's gradient by ``conv_transpose2d``."""
+    if torch.compiler.is_compiling():  # ATen's ops, which inductor knows (see conv_transpose2d)
+        return F.conv2d(x, weight, bias, 1, padding, dilation)
     return _Conv2d.apply(x, weight, bias, _pair(padding), _pair(dilation))
 
 
 def conv_transpose2d(g: torch.Tensor, weight: torch.Tensor, padding, dilation) -> torch.Tensor:
     """x's gradient of conv2d(x, weight) for y's gradient g (F.conv_transpose2d with stride 1)."""
     padding, dilation = _pair(padding), _pair(dilation)
-    if torch._C._functorch.is_legacy_batchedtensor(g):
-        # inside autograd.grad(..., is_grads_batched=True): a Function applied there loses its graph, so
-        # ATen's op runs (differentiable by ATen's own rules)
+    if torch.compiler.is_compiling() or torch._C._functorch.is_legacy_batchedtensor(g):
+        # ATen's op (differentiable by ATen's own rules): under torch.compile (the timed choice and the
+        # engine queries of the Functions do not trace; inductor failed on ResNet-8's compiled vjp step), and
+        # inside autograd.grad(..., is_grads_batched=True), where a Function applied loses its graph
         return transpose_forward(g, weight, padding, dilation, "aten")
     return _Transpose.apply(g, weight, padding, dilation)
