@@ -54,7 +54,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from fastjac import backends, models, reference
+from fastjac import backends, memory, models, reference
 from fastjac.ensemble import Ensemble
 from fastjac.jacobian import JacobianReg, jacobian_penalty, penalty_and_logits
 from fastjac.train import make_optimizer
@@ -869,9 +869,11 @@ def make_parser(prog: str = "python -m fastjac bench") -> argparse.ArgumentParse
 
 
 def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> tuple[list, str]:
-    """Apply ``args`` (threads), run the table -> (rows, the markdown report headed by the command)."""
+    """Apply ``args`` (threads), run the table -> (rows, the markdown report headed by the command). The
+    process keeps freed memory (``fastjac.memory``), as fastjac's command line does: every row shares it."""
     if any(m < 1 for m in args.members or []):
         parser.error("--members must be >= 1")
+    memory.keep_freed_memory()
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from fastjac import distributed
+from fastjac import distributed, memory
 from fastjac.experiments import PRESETS
 from fastjac.models import ARCHITECTURES
 
@@ -352,6 +352,7 @@ def _run(command: str, handler) -> int:
         if first():
             print(f"fastjac {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
+    memory.keep_freed_memory()
     with warnings.catch_warnings():
         warnings.showwarning = show
         try:
