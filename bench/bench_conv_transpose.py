@@ -1,5 +1,5 @@
-"""conv_transpose's two methods for a stride-1 convolution's input gradient (ATen's transposed convolution,
-and a forward convolution with the flipped kernel) beside the layer's forward, at the shapes of
+"""conv_transpose's methods for a stride-1 convolution's input gradient (ATen's transposed convolution, a
+forward convolution with the flipped kernel, a product and a column sum) beside the layer's forward, at the shapes of
 bench/RESULTS.md's table (LeNet / branchy, ResNet-8, a CIFAR first layer), B = 128, float32, CPU. Each
 method's value is checked against ATen's first. ``pytest bench/bench_conv_transpose.py --benchmark-enable``
 times them; ``conv_transpose.transpose_method`` makes the same comparison once per configuration."""
@@ -12,6 +12,7 @@ from tests.helpers import assert_close
 
 # name -> (CIN, COUT, kernel, padding, size)
 SHAPES = {"lenet conv1": (1, 6, 5, 2, 28), "branchy block": (6, 6, 3, 1, 14), "lenet conv2": (6, 16, 5, 0, 14),
+          "resnet stem": (1, 16, 3, 1, 28),
           "resnet 16": (16, 16, 3, 1, 28), "resnet 64": (64, 64, 3, 1, 7), "cifar conv1": (3, 16, 3, 1, 32)}
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastjac import Ensemble, models, reference
+from fastjac import Ensemble, keep_freed_memory, models, reference
 from fastjac.jacobian import penalty_and_logits
 
 JR_LAMBDA = 0.1
@@ -127,6 +127,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", nargs="*", help="subset of the cases (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as python -m fastjac bench does: every case shares it
     warnings.simplefilter("ignore")  # the forced generic path warns once
     steps = cases(args.arch, args.members, args.batch)
     names = args.cases or list(steps)

@@ -104,15 +104,17 @@ def test_output_can_be_modified_in_place():
 
 def test_transpose_method_is_timed_once_per_configuration(monkeypatch):
     timed = []
+    seconds = dict(zip(conv_transpose.METHODS, (2.0, 3.0, 1.0)))  # in METHODS' order: "fold" is the fastest
     monkeypatch.setattr(conv_transpose, "_CHOSEN", {})
-    monkeypatch.setattr(conv_transpose, "_time", lambda fn: timed.append(fn) or {0: 2.0, 1: 1.0}[len(timed) % 2])
+    monkeypatch.setattr(conv_transpose, "_time",
+                        lambda fn: timed.append(fn) or seconds[conv_transpose.METHODS[(len(timed) - 1) % 3]])
     g, w = torch.randn(2, 3, 5, 5), torch.randn(3, 1, 3, 3)
-    assert conv_transpose.transpose_method(g, w, (1, 1), (1, 1)) == "aten"  # the second timing (flipped) is 2.0
-    assert len(timed) == 2
-    assert conv_transpose.transpose_method(g, w, (1, 1), (1, 1)) == "aten"
-    assert len(timed) == 2, "kept, not timed again"
+    assert conv_transpose.transpose_method(g, w, (1, 1), (1, 1)) == "fold"
+    assert len(timed) == 3
+    assert conv_transpose.transpose_method(g, w, (1, 1), (1, 1)) == "fold"
+    assert len(timed) == 3, "kept, not timed again"
     conv_transpose.transpose_method(g[:1], w, (1, 1), (1, 1))
-    assert len(timed) == 4, "a new shape is timed"
+    assert len(timed) == 6, "a new shape is timed"
 
 
 def test_transpose_method_falls_back_to_aten_where_flipping_does_not_apply():

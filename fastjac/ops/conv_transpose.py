@@ -1,14 +1,15 @@
-"""A stride-1 convolution whose input gradient, the transposed convolution, runs the faster of two ways.
+"""A stride-1 convolution whose input gradient, the transposed convolution, runs the fastest of three ways.
 
 The vjp-mode penalty differentiates the input gradient of every convolution (x's gradient, a transposed
 convolution) once more. On the CPU, ATen's transposed convolution of a stride-1 layer (oneDNN's backward-
 data kernel) was measured up to 5x slower than the same map run as a forward convolution with the
 kernel's channels swapped and its taps flipped, and for other shapes 2.6x faster (this project's 2-core
 Xeon VM, torch 2.13, 2 threads, B = 128: a LeNet first layer's [128, 6, 28, 28] -> [128, 1, 28, 28], 5x5:
-10.9 against 2.3 ms; 16 -> 3 channels at 32x32, 3x3: 4.4 against 11.3 ms; see bench/RESULTS.md). No rule
-of channel counts picked the right one, so each configuration's first call times both and keeps the
-faster (``transpose_method``), as cuDNN's benchmark mode does; off the CPU ATen's kernel always runs, and
-under torch.compile both functions are ATen's ops.
+10.9 against 2.3 ms; 16 -> 3 channels at 32x32, 3x3: 4.4 against 11.3 ms; see bench/RESULTS.md); for
+ResNet's stem (16 -> 1 channel, 3x3) both took ~8 ms and one product whose columns ``F.fold`` sums 2.5.
+No rule of channel counts picked the right one, so each configuration's first call times the three and
+keeps the fastest (``transpose_method``), as cuDNN's benchmark mode does; off the CPU ATen's kernel
+always runs, and under torch.compile both functions are ATen's ops.
 
     conv2d(x, weight, bias, padding, dilation) -> y [N, COUT, H', W']     stride 1, groups 1, zero padding
     conv_transpose2d(g, weight, padding, dilation) -> [N, CIN, H, W]      the adjoint of conv2d in x: x's
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger("fastjac.ops.conv_transpose")
 
-METHODS = ("aten", "flipped")
+METHODS = ("aten", "flipped", "fold")
 # (g's shape, weight's shape, padding, dilation, dtype, threads) -> the faster method, timed once
 _CHOSEN: dict[tuple, str] = {}
 
@@ -41,11 +42,18 @@ def flipped_padding(weight: torch.Tensor, padding, dilation) -> tuple[int, int]:
 
 
 def transpose_forward(g: torch.Tensor, weight: torch.Tensor, padding, dilation, method: str) -> torch.Tensor:
-    """conv_transpose2d's value by ``method``: "aten" (ATen's transposed convolution) or "flipped" (a forward
-    convolution with weight [COUT, CIN, KH, KW] as [CIN, COUT, KH, KW], taps reversed)."""
+    """conv_transpose2d's value by ``method``: "aten" (ATen's transposed convolution), "flipped" (a forward
+    convolution with weight [COUT, CIN, KH, KW] as [CIN, COUT, KH, KW], taps reversed) or "fold" (one
+    product weight^T [CIN*KH*KW, COUT] x g [N, COUT, H'*W'], whose columns ``F.fold`` sums onto the input
+    positions: for few input channels, e.g. ResNet's stem, 16 -> 1 at 28x28: 2.5 ms against ATen's 7.7)."""
     if method == "flipped":
         kernel = weight.transpose(0, 1).flip(-2, -1)
         return F.conv2d(g, kernel, None, 1, flipped_padding(weight, padding, dilation), dilation)
+    if method == "fold":
+        kernel = weight.shape[-2:]
+        size = tuple(n - 2 * p + d * (k - 1) for n, p, d, k in zip(g.shape[-2:], padding, dilation, kernel))
+        columns = weight.flatten(1).t() @ g.flatten(2)  # [N, CIN*KH*KW, H'*W']
+        return F.fold(columns, size, kernel, dilation=dilation, padding=padding)
     return F.conv_transpose2d(g, weight, None, 1, padding, 0, 1, dilation)
 
 
@@ -61,7 +69,7 @@ def _time(fn, repeats: int = 3) -> float:
 
 def transpose_method(g: torch.Tensor, weight: torch.Tensor, padding, dilation) -> str:
     """The method conv_transpose2d runs for this configuration: ATen's off the CPU or where the flipped form
-    does not apply; on the CPU the faster of the two, timed on the first call (under no_grad) and kept."""
+    does not apply; on the CPU the fastest of ``METHODS``, timed on the first call (under no_grad) and kept."""
     if g.device.type != "cpu" or min(flipped_padding(weight, padding, dilation)) < 0:
         return "aten"
     key = (tuple(g.shape), tuple(weight.shape), tuple(padding), tuple(dilation), g.dtype, torch.get_num_threads())
