@@ -117,6 +117,15 @@ def test_transpose_method_is_timed_once_per_configuration(monkeypatch):
     assert len(timed) == 6, "a new shape is timed"
 
 
+def test_another_method_must_beat_atens_by_the_margin(monkeypatch):
+    timed = []
+    seconds = dict(zip(conv_transpose.METHODS, (1.0, 0.95, 2.0)))  # "flipped" 5% faster: not enough
+    monkeypatch.setattr(conv_transpose, "_CHOSEN", {})
+    monkeypatch.setattr(conv_transpose, "_time",
+                        lambda fn: timed.append(fn) or seconds[conv_transpose.METHODS[(len(timed) - 1) % 3]])
+    assert conv_transpose.transpose_method(torch.randn(2, 3, 5, 5), torch.randn(3, 1, 3, 3), (1, 1), (1, 1)) == "aten"
+
+
 def test_transpose_method_falls_back_to_aten_where_flipping_does_not_apply():
     # padding 2 > dilation * (kernel - 1) = 0 for a 1x1 kernel: the flipped form would need negative padding
     assert conv_transpose.transpose_method(torch.randn(1, 2, 4, 4), torch.randn(2, 2, 1, 1), (2, 2), (1, 1)) == "aten"

@@ -8,7 +8,8 @@ Xeon VM, torch 2.13, 2 threads, B = 128: a LeNet first layer's [128, 6, 28, 28] 
 10.9 against 2.3 ms; 16 -> 3 channels at 32x32, 3x3: 4.4 against 11.3 ms; see bench/RESULTS.md); for
 ResNet's stem (16 -> 1 channel, 3x3) both took ~8 ms and one product whose columns ``F.fold`` sums 2.5.
 No rule of channel counts picked the right one, so each configuration's first call times the three and
-keeps the fastest (``transpose_method``), as cuDNN's benchmark mode does; off the CPU ATen's kernel
+keeps the fastest (``transpose_method``; another must beat ATen's by ``MARGIN``, as its backward is two
+calls), as cuDNN's benchmark mode does; off the CPU ATen's kernel
 always runs, and under torch.compile both functions are ATen's ops.
 
     conv2d(x, weight, bias, padding, dilation) -> y [N, COUT, H', W']     stride 1, groups 1, zero padding
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 log = logging.getLogger("fastjac.ops.conv_transpose")
 
 METHODS = ("aten", "flipped", "fold")
+MARGIN = 1.1
 # (g's shape, weight's shape, padding, dilation, dtype, threads) -> the faster method, timed once
 _CHOSEN: dict[tuple, str] = {}
 
@@ -79,7 +81,10 @@ def transpose_method(g: torch.Tensor, weight: torch.Tensor, padding, dilation) -
         g, weight = (torch.ones(t.shape, dtype=t.dtype) for t in (g, weight))
         with torch.no_grad():
             seconds = {m: _time(lambda m=m: transpose_forward(g, weight, padding, dilation, m)) for m in METHODS}
-        method = _CHOSEN[key] = min(seconds, key=seconds.get)
+        fastest = min(seconds, key=seconds.get)
+        # another method must beat ATen's by MARGIN: its backward is two ATen calls (conv2d and the weight
+        # gradient) where ATen's own double backward makes one
+        method = _CHOSEN[key] = fastest if seconds[fastest] * MARGIN < seconds["aten"] else "aten"
         log.debug("conv_transpose2d %s: %s (%s)", key, method,
                   ", ".join(f"{m} {s * 1e3:.2f} ms" for m, s in seconds.items()))
     return method
@@ -159,5 +164,7 @@ def conv_transpose2d(g: torch.Tensor, weight: torch.Tensor, padding, dilation) -
         # ATen's op (differentiable by ATen's own rules): under torch.compile (the timed choice and the
         # engine queries of the Functions do not trace; inductor failed on ResNet-8's compiled vjp step), and
         # inside autograd.grad(..., is_grads_batched=True), where a Function applied loses its graph
+        return transpose_forward(g, weight, padding, dilation, "aten")
+    if transpose_method(g, weight, padding, dilation) == "aten":  # ATen's op and its own double backward
         return transpose_forward(g, weight, padding, dilation, "aten")
     return _Transpose.apply(g, weight, padding, dilation)
