@@ -92,7 +92,8 @@ def generic_targets(jvp: float) -> list[Target]:
     return [
         _at_least("generic path vjp at least reference speed (reference / generic >= 1)", REFERENCE,
                   ("generic_vjp", "auto", 1), 1.0),
-        _at_least(f"generic path jvp >= {jvp}x faster than the reference", REFERENCE, ("generic_jvp", "auto", 1), jvp),
+        _at_least(f"generic path jvp >= {jvp}x faster than the reference", REFERENCE, ("generic_jvp", "auto", 1),
+                  jvp),
     ]
 
 

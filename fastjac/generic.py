@@ -1,22 +1,22 @@
 """The generic path: members the layer registry does not fuse, on torch.func.
 
 ``torch.func.functional_call`` runs the member architecture over one member's slice of the stacked
-parameters and buffers, ``vmap`` runs all M members at once off the CPU (one at a time on the CPU, see
-``members_at_once``, and wherever vmap cannot go: data-dependent control flow), ``jvp`` carries the P tangent directions beside one primal pass
-(vmapped over the directions), and the vjp mode is one reverse pass over all members and projections
-(``autograd.grad`` with batched cotangents, ``create_graph`` so the penalty is differentiable).
+parameters and buffers; ``vmap`` runs all M members at once off the CPU (on the CPU they run one at a
+time, see ``members_at_once``, as they do wherever vmap cannot go: data-dependent control flow); ``jvp``
+carries the P tangent directions beside one primal pass (vmapped over the directions), and the vjp mode
+is one reverse pass over all members and projections (``autograd.grad`` with batched cotangents,
+``create_graph`` so the penalty is differentiable).
 
-Members that run one at a time (all, on the CPU) avoid two of PyTorch's costs that the transforms cannot (measured on the
-benchmark's branchy member, this project's CPU; bench/RESULTS.md):
+Members that run one at a time (all of them, on the CPU) avoid two of PyTorch's costs that the
+transforms cannot (measured on the benchmark's branchy member, this project's CPU; bench/RESULTS.md):
 
 - jvp mode, one direction: ``torch.autograd.forward_ad`` dual tensors, with ``TangentRules`` giving
   Conv2d, Linear and MaxPool2d the tangent of the map itself. PyTorch's forward-mode formulas also
   convolve the primal with the weight's tangent, which is zero here but materialized (a third convolution
   per Conv2d; two extra products per Linear) and run MaxPool2d twice.
 - vjp mode: stride-1 Conv2d layers run as ``StrideOneConv2d``, whose input gradient (the transposed
-  convolution the penalty differentiates again) is the faster of ATen's kernel and a forward
-  convolution with the flipped kernel (``fastjac.ops.conv_transpose``); ATen's was up to 5x slower for
-  a LeNet-like first layer on this CPU.
+  convolution the penalty differentiates again) is the fastest of the ways ``fastjac.ops.conv_transpose``
+  times; ATen's own was up to 5x slower for a LeNet-like first layer on this CPU.
 
 Buffers: inside the transforms nothing is mutated. A BatchNorm that normalizes with its batch's
 statistics (train mode) runs as ``BatchStatisticsNorm`` (plain ops under jvp: see there why), its batch mean and
@@ -134,8 +134,8 @@ def _stride_one_padding(module: nn.Module):
 
 class StrideOneConv2d(nn.Module):
     """A stride-1, groups-1 ``nn.Conv2d`` whose input gradient is ``conv_transpose.conv_transpose2d`` (the
-    faster of two kernels, see there) where x requires grad outside the torch.func transforms and forward
-    mode (the members run one at a time); ATen's F.conv2d otherwise. Same parameter names."""
+    fastest of the ways it times) where x requires grad outside the torch.func transforms and forward mode
+    (the members run one at a time); ATen's F.conv2d otherwise. Same parameter names."""
 
     def __init__(self, source: nn.Conv2d, padding: tuple):
         super().__init__()
@@ -174,8 +174,8 @@ class TangentRules(TorchFunctionMode):
     positions), instead of PyTorch's formulas, which add a materialized zero term for the weights'
     tangents (see the module docstring). Anything else runs unchanged."""
 
-    RULES = {torch.conv2d: _conv2d_tangent, F.conv2d: _conv2d_tangent, F.linear: _linear_tangent,
-             F.max_pool2d: _max_pool2d_tangent}
+    # (F.conv2d is torch.conv2d, the function the mode is handed)
+    RULES = {F.conv2d: _conv2d_tangent, F.linear: _linear_tangent, F.max_pool2d: _max_pool2d_tangent}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

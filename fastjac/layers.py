@@ -300,7 +300,7 @@ class Conv2d(Layer):
             for i in range(2))
         stride_one = self.stride == (1, 1) and self.groups == 1 and not any(output_padding)
 
-        def transpose(g_m, w_m):  # stride 1: the faster of ATen's kernel and a flipped forward convolution
+        def transpose(g_m, w_m):  # stride 1: the fastest of the ways ops/conv_transpose times
             if stride_one:
                 return conv_transpose.conv_transpose2d(g_m, w_m, padding, self.dilation)
             return F.conv_transpose2d(g_m, w_m, None, self.stride, padding, output_padding, self.groups, self.dilation)

@@ -123,14 +123,15 @@ def test_another_method_must_beat_atens_by_the_margin(monkeypatch):
     monkeypatch.setattr(conv_transpose, "_CHOSEN", {})
     monkeypatch.setattr(conv_transpose, "_time",
                         lambda fn: timed.append(fn) or seconds[conv_transpose.METHODS[(len(timed) - 1) % 3]])
-    assert conv_transpose.transpose_method(torch.randn(2, 3, 5, 5), torch.randn(3, 1, 3, 3), (1, 1), (1, 1)) == "aten"
+    g, w = torch.randn(2, 3, 5, 5), torch.randn(3, 1, 3, 3)
+    assert conv_transpose.transpose_method(g, w, (1, 1), (1, 1)) == "aten"
 
 
 def test_transpose_method_falls_back_to_aten_where_flipping_does_not_apply():
     # padding 2 > dilation * (kernel - 1) = 0 for a 1x1 kernel: the flipped form would need negative padding
     assert conv_transpose.transpose_method(torch.randn(1, 2, 4, 4), torch.randn(2, 2, 1, 1), (2, 2), (1, 1)) == "aten"
-    assert conv_transpose.transpose_method(torch.randn(1, 2, 4, 4, device="meta"), torch.randn(2, 2, 3, 3, device="meta"),
-                                           (1, 1), (1, 1)) == "aten"
+    g, w = torch.randn(1, 2, 4, 4, device="meta"), torch.randn(2, 2, 3, 3, device="meta")
+    assert conv_transpose.transpose_method(g, w, (1, 1), (1, 1)) == "aten"  # off the CPU
     g, w = torch.randn(1, 2, 8, 8), torch.randn(2, 2, 1, 1)
     assert_close(conv_transpose.conv_transpose2d(g, w, (2, 2), (1, 1)), F.conv_transpose2d(g, w, None, 1, 2),
                  rtol=1e-6, atol=1e-6, name="large padding")

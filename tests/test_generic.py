@@ -1,9 +1,10 @@
 """The generic torch.func path (fastjac/generic.py) for members the registry does not fuse, against the
 reference: an untraceable member (data-dependent control flow: the per-member loop), an unfusable one
-(vmap over the members), an untraceable CNN (the loop's dual numbers and stride-1 convolutions), BatchNorm in train mode on this path (the running statistics once per pass, no
-in-place update inside the transforms: the jvp mode used to crash), single modules and per-member inputs.
-Logits, penalties (both modes and targets, nproj 1 and 3, M 1 and 5) and every parameter gradient in
-float64."""
+(vmap over the members), an untraceable CNN (the loop's dual numbers and stride-1 convolutions),
+BatchNorm in train mode on this path (the running statistics once per pass, no in-place update inside
+the transforms: the jvp mode used to crash), single modules and per-member inputs. Logits, penalties
+(both modes and targets, nproj 1 and 3, M 1 and 5) and every parameter gradient in float64; every test
+twice, members one at a time (the CPU's choice) and under vmap."""
 import copy
 
 import pytest

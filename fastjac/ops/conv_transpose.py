@@ -9,8 +9,8 @@ Xeon VM, torch 2.13, 2 threads, B = 128: a LeNet first layer's [128, 6, 28, 28] 
 ResNet's stem (16 -> 1 channel, 3x3) both took ~8 ms and one product whose columns ``F.fold`` sums 2.5.
 No rule of channel counts picked the right one, so each configuration's first call times the three and
 keeps the fastest (``transpose_method``; another must beat ATen's by ``MARGIN``, as its backward is two
-calls), as cuDNN's benchmark mode does; off the CPU ATen's kernel
-always runs, and under torch.compile both functions are ATen's ops.
+calls), as cuDNN's benchmark mode does; off the CPU ATen's kernel always runs, and under torch.compile
+both functions are ATen's ops.
 
     conv2d(x, weight, bias, padding, dilation) -> y [N, COUT, H', W']     stride 1, groups 1, zero padding
     conv_transpose2d(g, weight, padding, dilation) -> [N, CIN, H, W]      the adjoint of conv2d in x: x's
