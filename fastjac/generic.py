@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
+from fastjac import layers
 from fastjac.layers import update_running_stats
 from fastjac.ops import batch_norm as batch_norm_op
 from fastjac.ops import conv_transpose
@@ -121,15 +122,12 @@ class BatchStatisticsNorm(nn.Module):
 
 
 def _stride_one_padding(module: nn.Module):
-    """A plain stride-1 Conv2d's symmetric padding (pair), or None where ``StrideOneConv2d`` does not apply."""
+    """A plain stride-1 Conv2d's symmetric padding (pair), or None where ``StrideOneConv2d`` does not apply
+    (the engine's layer record reads the padding: "valid", "same", ints)."""
     if type(module) is not nn.Conv2d or module.stride != (1, 1) or module.groups != 1 or module.padding_mode != "zeros":
         return None
-    if module.padding == "valid":
-        return (0, 0)
-    if module.padding == "same":  # symmetric only for an even total
-        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-        return None if any(total % 2 for total in totals) else tuple(total // 2 for total in totals)
-    return tuple(module.padding)
+    layer = layers.Conv2d.from_module("", module)
+    return (layer.padding[0], layer.padding[2]) if layer.symmetric else None
 
 
 class StrideOneConv2d(nn.Module):

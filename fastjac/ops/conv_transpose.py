@@ -29,6 +29,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from fastjac.ops import engine_queries
 
 log = logging.getLogger("fastjac.ops.conv_transpose")
 
@@ -106,12 +109,9 @@ def _asked_for(ctx, index: int) -> bool:
     if not ctx.needs_input_grad[index]:
         return False
     node = ctx.next_functions[index][0]
-    if node is None or not _ENGINE_QUERIES or type(node).__name__ == "AccumulateGrad":
+    if node is None or not engine_queries.AVAILABLE or type(node).__name__ == "AccumulateGrad":
         return node is not None
     return torch._C._will_engine_execute_node(node)
-
-
-_ENGINE_QUERIES = hasattr(torch._C, "_will_engine_execute_node")
 
 
 class _Conv2d(torch.autograd.Function):
@@ -132,10 +132,10 @@ class _Conv2d(torch.autograd.Function):
 
 class _Transpose(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, g, weight, padding, dilation):
+    def forward(ctx, g, weight, padding, dilation, method):
         ctx.save_for_backward(g, weight)
         ctx.padding, ctx.dilation = padding, dilation
-        return transpose_forward(g, weight, padding, dilation, transpose_method(g, weight, padding, dilation))
+        return transpose_forward(g, weight, padding, dilation, method)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -143,11 +143,7 @@ class _Transpose(torch.autograd.Function):
         # <grad_out, conv_transpose2d(g, w)> = <conv2d(grad_out, w), g>: both gradients in conv2d's terms
         grad_g = conv2d(grad_out, weight, None, ctx.padding, ctx.dilation) if _asked_for(ctx, 0) else None
         grad_w = weight_gradient(g, grad_out, weight, ctx.padding, ctx.dilation) if _asked_for(ctx, 1) else None
-        return grad_g, grad_w, None, None
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
+        return grad_g, grad_w, None, None, None
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, dilation) -> torch.Tensor:
@@ -165,6 +161,7 @@ def conv_transpose2d(g: torch.Tensor, weight: torch.Tensor, padding, dilation) -
         # engine queries of the Functions do not trace; inductor failed on ResNet-8's compiled vjp step), and
         # inside autograd.grad(..., is_grads_batched=True), where a Function applied loses its graph
         return transpose_forward(g, weight, padding, dilation, "aten")
-    if transpose_method(g, weight, padding, dilation) == "aten":  # ATen's op and its own double backward
+    method = transpose_method(g, weight, padding, dilation)
+    if method == "aten":  # ATen's op and its own double backward
         return transpose_forward(g, weight, padding, dilation, "aten")
-    return _Transpose.apply(g, weight, padding, dilation)
+    return _Transpose.apply(g, weight, padding, dilation, method)

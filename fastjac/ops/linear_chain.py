@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastjac.ops import compiled_cpu
+from fastjac.ops import compiled_cpu, engine_queries
 from fastjac.ops.stacked_linear import stacked_product
 
 _relu_backward_out = torch.ops.aten.threshold_backward.grad_input
@@ -295,10 +295,6 @@ def chain_logits(backend, x: torch.Tensor, weights, biases, relus, record: Chain
     return logits
 
 
-# private engine queries (torch >= 2.0; register_multi_grad_hook uses them): without them, no hand-off
-_ENGINE_QUERIES = hasattr(torch._C, "_will_engine_execute_node") and hasattr(torch._C, "_current_graph_task_id")
-
-
 class RecordedPenalty(torch.autograd.Function):
     """The vjp penalty scale * ||c^T J_m||^2 (c [P*B, C] shared by the members) from a recorded chain
     forward: only the cotangent chain runs (no second forward). Differentiable w.r.t. the weights.
@@ -315,7 +311,7 @@ class RecordedPenalty(torch.autograd.Function):
         penalty, squared = _squared_norms(cotangent, target)
         ctx.save_for_backward(squared, *masked, *record.inputs, *weights)
         ctx.record, ctx.target, ctx.scale, ctx.nproj = record, target, scale, nproj
-        ctx.hand_off = after is not None and record.node is not None and _ENGINE_QUERIES
+        ctx.hand_off = after is not None and record.node is not None and engine_queries.AVAILABLE  # else none
         return scale * penalty
 
     @staticmethod
