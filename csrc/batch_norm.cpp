@@ -2,7 +2,8 @@
 // of fastjac/ops/batch_norm.py (the same math and signatures; see there), each one pass per reduction and
 // one per output over every (member, channel), instead of ATen's separate products, sums and temporaries.
 // Measured against ATen's launchers on ResNet-8's shapes (M = 5, B = 128, 2 threads): the linearization
-// 2-2.5x faster forward and 1.6-4.8x backward, the statistics' backward 1.1-2.3x. The statistics' forward
+// 2-2.5x faster forward and 1.6-4.8x backward, the statistics' backward 1.1-2.3x (it takes the affine map's
+// backward in too: ResNet-8's vjp JR step 15-18% faster than with ATen's for that part). The statistics' forward
 // stays on ATen, whose vectorized reductions were faster than this file's (6.6 against 2.3 ms at
 // [128, 5, 32, 196]).
 //
@@ -77,36 +78,59 @@ inline std::pair<double, double> sum_and_dot(const scalar_t* a, int64_t a_row, c
   return {sum, dot};
 }
 
+// The backward of y = gamma * x_hat + beta with x_hat and inv_std also outputs: dL/dx_hat is
+// G = grad_x_hat + gamma * grad_y (either may be absent; no gamma: 1), and grad_gamma = sum(grad_y * x_hat),
+// grad_beta = sum(grad_y) come from the same pass over the rows as G's sums.
 template <typename scalar_t>
-void statistics_backward_kernel(const at::Tensor& g, const at::Tensor& g_inv, const at::Tensor& x_hat,
-                                const at::Tensor& inv_std, at::Tensor& grad_x) {
+void statistics_backward_kernel(const at::Tensor& gy, const at::Tensor& g, const at::Tensor& g_inv,
+                                const at::Tensor& x_hat, const at::Tensor& inv_std, const at::Tensor& gamma,
+                                at::Tensor& grad_x, at::Tensor& grad_gamma, at::Tensor& grad_beta) {
   const int64_t B = x_hat.size(0), M = x_hat.size(1), C = x_hat.size(2), L = x_hat.size(3);
   const double count = static_cast<double>(B * L);
-  const bool has_g = g.defined(), has_inv = g_inv.defined();
+  const bool has_y = gy.defined(), has_g = g.defined(), has_inv = g_inv.defined(), affine = gamma.defined();
   const Rows hr = rows_of(x_hat), or_ = rows_of(grad_x), gr = has_g ? rows_of(g) : Rows{0, 0, 0, 0};
+  const Rows yr = has_y ? rows_of(gy) : Rows{0, 0, 0, 0};
   const scalar_t* hp = x_hat.data_ptr<scalar_t>();
   const scalar_t* gp = has_g ? g.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* yp = has_y ? gy.data_ptr<scalar_t>() : nullptr;
   const scalar_t* rp = has_inv ? g_inv.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* wp = affine ? gamma.data_ptr<scalar_t>() : nullptr;
   const scalar_t* ip = inv_std.data_ptr<scalar_t>();
   scalar_t* op = grad_x.data_ptr<scalar_t>();
   at::parallel_for(0, M * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t mc = begin; mc < end; ++mc) {
       const int64_t m = mc / C, c = mc % C;
-      const double is = ip[mc];
-      double sum_g = 0, sum_gx = 0;
+      const double is = ip[mc], w = affine ? static_cast<double>(wp[mc]) : 1.0;
+      double sum_g = 0, sum_gx = 0, sum_y = 0, sum_yx = 0;
       if (has_g) {
         std::tie(sum_g, sum_gx) = sum_and_dot(gp + m * gr.m + c * gr.c, gr.b, hp + m * hr.m + c * hr.c, hr.b, B, L);
       }
-      // grad_x = is * g - is * sum_g / N - x_hat * (is * sum_gx / N + g_inv * is^2 / N)
-      const scalar_t a = static_cast<scalar_t>(is), shift = static_cast<scalar_t>(-is * sum_g / count);
+      if (has_y) {
+        std::tie(sum_y, sum_yx) = sum_and_dot(yp + m * yr.m + c * yr.c, yr.b, hp + m * hr.m + c * hr.c, hr.b, B, L);
+        if (affine && grad_gamma.defined()) {
+          grad_gamma.data_ptr<scalar_t>()[mc] = static_cast<scalar_t>(sum_yx);
+          grad_beta.data_ptr<scalar_t>()[mc] = static_cast<scalar_t>(sum_y);
+        }
+      }
+      sum_g += w * sum_y;
+      sum_gx += w * sum_yx;
+      // grad_x = is * G - is * sum(G) / N - x_hat * (is * sum(G x_hat) / N + g_inv * is^2 / N)
+      const scalar_t a = static_cast<scalar_t>(is), ay = static_cast<scalar_t>(is * w);
+      const scalar_t shift = static_cast<scalar_t>(-is * sum_g / count);
       const scalar_t slope = static_cast<scalar_t>(-(is * sum_gx + (has_inv ? rp[mc] * is * is : 0.0)) / count);
       for (int64_t b = 0; b < B; ++b) {
         const scalar_t* hh = hp + m * hr.m + c * hr.c + b * hr.b;
+        const scalar_t* gg = has_g ? gp + m * gr.m + c * gr.c + b * gr.b : nullptr;
+        const scalar_t* yy = has_y ? yp + m * yr.m + c * yr.c + b * yr.b : nullptr;
         scalar_t* out = op + m * or_.m + c * or_.c + b * or_.b;
-        if (has_g) {
-          const scalar_t* gg = gp + m * gr.m + c * gr.c + b * gr.b;
+        if (has_g && has_y) {
 #pragma omp simd
-          for (int64_t l = 0; l < L; ++l) out[l] = a * gg[l] + shift + slope * hh[l];
+          for (int64_t l = 0; l < L; ++l) out[l] = a * gg[l] + ay * yy[l] + shift + slope * hh[l];
+        } else if (has_g || has_y) {
+          const scalar_t* one = has_g ? gg : yy;
+          const scalar_t k = has_g ? a : ay;
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) out[l] = k * one[l] + shift + slope * hh[l];
         } else {
 #pragma omp simd
           for (int64_t l = 0; l < L; ++l) out[l] = slope * hh[l];
@@ -391,30 +415,46 @@ void streams_backward_kernel(const at::Tensor& g, const at::Tensor& x, const sca
 
 using namespace fastjac;
 
-at::Tensor batch_norm_statistics_backward(const c10::optional<at::Tensor>& grad_x_hat,
-                                          const c10::optional<at::Tensor>& grad_inv_std, const at::Tensor& x_hat,
-                                          const at::Tensor& inv_std) {
+std::tuple<at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>> batch_norm_statistics_backward(
+    const c10::optional<at::Tensor>& grad_y, const c10::optional<at::Tensor>& grad_x_hat,
+    const c10::optional<at::Tensor>& grad_inv_std, const at::Tensor& x_hat, const at::Tensor& inv_std,
+    const c10::optional<at::Tensor>& gamma) {
   constexpr const char* op = "batch_norm_statistics_backward";
   check_rows(x_hat, 4, op, "x_hat");
   const int64_t M = x_hat.size(1), C = x_hat.size(2);
   check_channels(inv_std, M, C, op, "inv_std");
   check_same(x_hat, inv_std, op, "inv_std");
-  at::Tensor g = grad_x_hat.has_value() ? *grad_x_hat : at::Tensor();
   at::Tensor g_inv = grad_inv_std.has_value() ? grad_inv_std->contiguous() : at::Tensor();
-  if (g.defined()) {
-    check_rows(g, 4, op, "grad_x_hat");
-    check_same(x_hat, g, op, "grad_x_hat");
-    TORCH_CHECK(g.sizes() == x_hat.sizes(), op, ": grad_x_hat must be ", x_hat.sizes(), ", got ", g.sizes());
-  }
   if (g_inv.defined()) {
     check_channels(g_inv, M, C, op, "grad_inv_std");
     check_same(x_hat, g_inv, op, "grad_inv_std");
   }
-  at::Tensor grad_x = at::empty_like(x_hat);
+  at::Tensor w = gamma.has_value() ? *gamma : at::Tensor();
+  if (w.defined()) {
+    check_channels(w, M, C, op, "gamma");
+    check_same(x_hat, w, op, "gamma");
+  }
+  at::Tensor rows[2];
+  const c10::optional<at::Tensor>* given[2] = {&grad_y, &grad_x_hat};
+  const char* names[2] = {"grad_y", "grad_x_hat"};
+  for (int i = 0; i < 2; ++i) {
+    if (!given[i]->has_value()) continue;
+    rows[i] = **given[i];
+    check_rows(rows[i], 4, op, names[i]);
+    check_same(x_hat, rows[i], op, names[i]);
+    TORCH_CHECK(rows[i].sizes() == x_hat.sizes(), op, ": ", names[i], " must be ", x_hat.sizes(), ", got ",
+                rows[i].sizes());
+  }
+  at::Tensor grad_x = at::empty_like(x_hat), grad_gamma, grad_beta;
+  if (rows[0].defined() && w.defined()) {
+    grad_gamma = at::empty({M, C, 1}, x_hat.options());
+    grad_beta = at::empty({M, C, 1}, x_hat.options());
+  }
   AT_DISPATCH_FLOATING_TYPES(x_hat.scalar_type(), op, [&] {
-    statistics_backward_kernel<scalar_t>(g, g_inv, x_hat, inv_std, grad_x);
+    statistics_backward_kernel<scalar_t>(rows[0], rows[1], g_inv, x_hat, inv_std, w, grad_x, grad_gamma, grad_beta);
   });
-  return grad_x;
+  if (!grad_gamma.defined()) return {grad_x, c10::nullopt, c10::nullopt};
+  return {grad_x, grad_gamma, grad_beta};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_linearization_forward(const at::Tensor& t,

@@ -23,8 +23,8 @@ TORCH_LIBRARY(fastjac, m) {
   m.def("stacked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? mask, int streams, bool has_bias, "
         "bool needs_x_grad) -> (Tensor?, Tensor, Tensor?)");
   m.def("stacked_addmm_(Tensor(a!) out, Tensor a, Tensor b, Tensor? bias, bool accumulate) -> ()");
-  m.def("batch_norm_statistics_backward(Tensor? grad_x_hat, Tensor? grad_inv_std, Tensor x_hat, Tensor inv_std) "
-        "-> Tensor");
+  m.def("batch_norm_statistics_backward(Tensor? grad_y, Tensor? grad_x_hat, Tensor? grad_inv_std, Tensor x_hat, "
+        "Tensor inv_std, Tensor? gamma) -> (Tensor, Tensor?, Tensor?)");
   m.def("batch_norm_linearization_forward(Tensor t, Tensor x_hat, Tensor scale) -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_linearization_backward(Tensor grad_out, Tensor t, Tensor x_hat, Tensor scale, Tensor mean_t, "
         "Tensor mean_tx) -> (Tensor, Tensor, Tensor)");

@@ -79,9 +79,10 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, c10::optional<at::Tensor>> sta
     const c10::optional<at::Tensor>& mask, int64_t streams, bool has_bias, bool needs_x_grad);
 
 // ---- BatchNorm with batch statistics on the engine's rows (csrc/batch_norm.cpp; fastjac/ops/batch_norm.py) ----
-at::Tensor batch_norm_statistics_backward(const c10::optional<at::Tensor>& grad_x_hat,
-                                          const c10::optional<at::Tensor>& grad_inv_std, const at::Tensor& x_hat,
-                                          const at::Tensor& inv_std);
+std::tuple<at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>> batch_norm_statistics_backward(
+    const c10::optional<at::Tensor>& grad_y, const c10::optional<at::Tensor>& grad_x_hat,
+    const c10::optional<at::Tensor>& grad_inv_std, const at::Tensor& x_hat, const at::Tensor& inv_std,
+    const c10::optional<at::Tensor>& gamma);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_linearization_forward(const at::Tensor& t,
                                                                                const at::Tensor& x_hat,
                                                                                const at::Tensor& scale);

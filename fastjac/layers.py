@@ -797,10 +797,11 @@ class BatchNorm(Layer):
             self._update(run, mean, var, batch * x.shape[-1])
             return from_channel_streams(y, layout, features) + (None,)
         if self.batch_statistics:  # one stream, the cotangent chain's tape: the transpose needs x_hat
-            x_hat, inv_std, mean, var = batch_norm_op.batch_statistics(x.squeeze(0), self.eps, launchers)
+            out, x_hat, inv_std, mean, var = batch_norm_op.batch_statistics(x.squeeze(0), gamma3, beta3, self.eps,
+                                                                            launchers)
             self._update(run, mean, var, batch * x.shape[-1])
             scale = inv_std if gamma3 is None else inv_std * gamma3
-            out = (x_hat if gamma3 is None else torch.addcmul(beta3, x_hat, gamma3)).unsqueeze(0)
+            out = out.unsqueeze(0)
             saved = BatchNormSaved(scale, x_hat)
         else:  # a per-channel affine map: the extra rows are only scaled (the shift is stream 0's)
             running_mean, running_var, _ = self._running(run)

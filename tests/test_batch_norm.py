@@ -41,10 +41,13 @@ def launchers(request):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_statistics_match_atens_batch_norm(shape, launchers):
+@pytest.mark.parametrize("affine", [True, False])
+def test_statistics_match_atens_batch_norm(shape, affine, launchers):
     x = rows(shape, 0) * 3 + 1
-    x_hat, inv_std, mean, var = op.batch_statistics(x, EPS, launchers)
+    gamma, beta = (rows((shape[1], shape[2], 1), seed) for seed in (14, 15)) if affine else (None, None)
+    y, x_hat, inv_std, mean, var = op.batch_statistics(x, gamma, beta, EPS, launchers)
     want_hat, want_inv = plain_statistics(x, EPS)
+    assert_close(y, want_hat * gamma + beta if affine else want_hat, rtol=1e-12, atol=1e-12, name="y")
     assert_close(x_hat, want_hat, rtol=1e-12, atol=1e-12, name="x_hat")
     assert_close(inv_std, want_inv, rtol=1e-12, atol=0, name="inv_std")
     assert_close(mean, x.mean(dim=(0, 3)).unsqueeze(-1), rtol=1e-12, atol=1e-12, name="mean")
@@ -85,16 +88,21 @@ def test_linearization_is_self_adjoint(launchers):
 
 
 def test_gradcheck_batch_statistics(launchers):
+    """Every output's gradient at once (y, x_hat and inv_std all feed the penalty), with and without the
+    affine map, and each output's alone (the Function's backward gets None for the others)."""
     x = (rows((3, 2, 2, 5), 9) * 2 + 0.5).requires_grad_(True)
+    gamma, beta = (rows((2, 2, 1), seed).requires_grad_(True) for seed in (16, 17))
 
-    def function(value):
-        x_hat, inv_std, _, _ = op.batch_statistics(value, EPS, launchers)
-        return x_hat, inv_std
+    def function(value, gamma=None, beta=None):
+        return op.batch_statistics(value, gamma, beta, EPS, launchers)[:3]
 
+    assert torch.autograd.gradcheck(function, (x, gamma, beta))
     assert torch.autograd.gradcheck(function, (x,))
+    for index in range(3):
+        assert torch.autograd.gradcheck(lambda *a: function(*a)[index], (x, gamma, beta))
     # a member-layout view (permuted strides), as the engine passes it
     y = rows((2, 3, 2, 5), 10).permute(1, 0, 2, 3).requires_grad_(True)
-    assert torch.autograd.gradcheck(function, (y,))
+    assert torch.autograd.gradcheck(function, (y, gamma, beta))
 
 
 def test_gradcheck_normalized_linearization(launchers):
@@ -125,9 +133,16 @@ def test_native_launchers_match_aten_in_float32():
     for name, a, e in zip(("grad_t", "grad_x_hat", "grad_scale"), grads, want_grads):
         assert_close(a, e, rtol=1e-4, atol=1e-4, name=name)
     g_inv = rows((m, c, 1), 24, torch.float32)
-    for g_hat, g_std in ((g[0], g_inv), (g[0], None), (None, g_inv)):
-        assert_close(native_ops.statistics_backward(g_hat, g_std, x_hat, inv_std),
-                     op.statistics_backward(g_hat, g_std, x_hat, inv_std), rtol=1e-4, atol=1e-5, name="grad_x")
+    g_y, gamma = rows((m, b, c, length), 25, torch.float32).permute(1, 0, 2, 3), rows((m, c, 1), 26, torch.float32)
+    for g_out, g_hat, g_std, gain in ((None, g[0], g_inv, None), (None, g[0], None, None), (None, None, g_inv, None),
+                                      (g_y, g[0], g_inv, gamma), (g_y, None, None, gamma), (g_y, g[1], None, None),
+                                      (None, None, None, gamma)):
+        got = native_ops.statistics_backward(g_out, g_hat, g_std, x_hat, inv_std, gain)
+        want = op.statistics_backward(g_out, g_hat, g_std, x_hat, inv_std, gain)
+        for name, a, e in zip(("grad_x", "grad_gamma", "grad_beta"), got, want):
+            assert (a is None) == (e is None), name
+            if e is not None:
+                assert_close(a, e, rtol=1e-4, atol=1e-4, name=name)
 
 
 @needs_extension
@@ -137,8 +152,10 @@ def test_native_ops_pass_opcheck():
     x_hat, inv_std, _, _ = op.statistics_forward(x, EPS)
     t, g = rows((2, 3, 2, 2, 5), 31), rows((2, 3, 2, 2, 5), 32)
     _, (mean_t, mean_tx) = op.linearization_forward(t, x_hat, inv_std)
-    for fn, args in ((ops.batch_norm_statistics_backward, (x_hat, inv_std.clone(), x_hat, inv_std)),
-                     (ops.batch_norm_statistics_backward, (None, inv_std.clone(), x_hat, inv_std)),
+    gamma = rows((2, 2, 1), 33)
+    for fn, args in ((ops.batch_norm_statistics_backward, (None, x_hat, inv_std.clone(), x_hat, inv_std, None)),
+                     (ops.batch_norm_statistics_backward, (None, None, inv_std.clone(), x_hat, inv_std, None)),
+                     (ops.batch_norm_statistics_backward, (x, x_hat, inv_std.clone(), x_hat, inv_std, gamma)),
                      (ops.batch_norm_linearization_forward, (t, x_hat, inv_std)),
                      (ops.batch_norm_linearization_backward, (g, t, x_hat, inv_std, mean_t, mean_tx))):
         torch.library.opcheck(fn, args)
@@ -150,11 +167,15 @@ def test_native_ops_name_bad_input():
     x = rows((3, 2, 2, 5), 40)
     x_hat, inv_std, _, _ = op.statistics_forward(x, EPS)
     with pytest.raises(RuntimeError, match="x_hat must have 4 dimensions"):
-        ops.batch_norm_statistics_backward(None, inv_std, x_hat[0], inv_std)
+        ops.batch_norm_statistics_backward(None, None, inv_std, x_hat[0], inv_std, None)
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        ops.batch_norm_statistics_backward(None, inv_std, x_hat.half(), inv_std)
+        ops.batch_norm_statistics_backward(None, None, inv_std, x_hat.half(), inv_std, None)
     with pytest.raises(RuntimeError, match="last .spatial. axis"):
-        ops.batch_norm_statistics_backward(None, inv_std, x_hat.transpose(2, 3), inv_std)
+        ops.batch_norm_statistics_backward(None, None, inv_std, x_hat.transpose(2, 3), inv_std, None)
+    with pytest.raises(RuntimeError, match=r"grad_y must be \[3, 2, 2, 5\]"):
+        ops.batch_norm_statistics_backward(x[:2], None, None, x_hat, inv_std, inv_std)
+    with pytest.raises(RuntimeError, match=r"gamma must be \[2, 2, 1\]"):
+        ops.batch_norm_statistics_backward(x, None, None, x_hat, inv_std, inv_std[:1])
     with pytest.raises(RuntimeError, match=r"scale must be \[2, 2, 1\]"):
         ops.batch_norm_linearization_forward(x.unsqueeze(0), x_hat, inv_std[:1])
     with pytest.raises(RuntimeError, match="x_hat must be Double"):

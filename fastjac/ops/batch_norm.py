@@ -14,7 +14,8 @@ Launchers (``ATEN``: torch ops, every backend but cpp; ``native_launchers``: for
 ops of csrc/batch_norm.cpp, one pass per reduction and per output, for all but statistics_forward):
     moments(x) -> (mean [1,M,C,1], var [1,M,C,1], x - mean)
     statistics_forward(x, eps) -> (x_hat, inv_std, mean [M,C,1], var [M,C,1])
-    statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std) -> grad_x
+    statistics_backward(grad_y, grad_x_hat, grad_inv_std, x_hat, inv_std, gamma)
+        -> (grad_x, grad_gamma, grad_beta [M,C,1]; both None without grad_y or gamma)
     linearization_forward(t, x_hat, scale) -> (scale * (t - mean(t) - x_hat * mean(t * x_hat)),
                                                (mean(t), mean(t * x_hat)) [S, 1, M, C, 1])
     linearization_backward(grad_out, t, x_hat, scale, mean_t, mean_tx) -> (grad_t, grad_x_hat, grad_scale)
@@ -64,15 +65,24 @@ def statistics_forward(x: torch.Tensor, eps: float):
     return centered.mul_(inv_std), inv_std[0], mean[0], var[0]
 
 
-def statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std):
-    """The gradient w.r.t. x: inv_std * (G - mean(G) - x_hat * mean(G * x_hat)) for x_hat's G (the
-    normalization's own derivative), minus G_r * inv_std^2 * x_hat / N for inv_std's G_r
-    (d inv_std / dx = -inv_std^3 (x - mean) / N)."""
+def statistics_backward(grad_y, grad_x_hat, grad_inv_std, x_hat, inv_std, gamma):
+    """The backward of y = gamma * x_hat + beta whose x_hat and inv_std are outputs too (any gradient may
+    be None; gamma None: no affine map, y = x_hat). x_hat's whole gradient is G = grad_x_hat + gamma *
+    grad_y; x's is inv_std * (G - mean(G) - x_hat * mean(G * x_hat)) (the normalization's own derivative),
+    minus G_r * inv_std^2 * x_hat / N for inv_std's G_r (d inv_std / dx = -inv_std^3 (x - mean) / N);
+    grad_gamma = sum(grad_y * x_hat), grad_beta = sum(grad_y)."""
     count = x_hat.shape[0] * x_hat.shape[3]
-    grad_x = torch.zeros_like(x_hat) if grad_x_hat is None else _self_adjoint(grad_x_hat, x_hat, inv_std, count)
+    grad_gamma = grad_beta = None
+    whole = grad_x_hat
+    if grad_y is not None:
+        if gamma is not None:
+            grad_gamma, grad_beta = _per_channel_sum(grad_y * x_hat)[0], _per_channel_sum(grad_y)[0]
+        from_y = grad_y if gamma is None else grad_y * gamma
+        whole = from_y if whole is None else whole + from_y
+    grad_x = torch.zeros_like(x_hat) if whole is None else _self_adjoint(whole, x_hat, inv_std, count)
     if grad_inv_std is not None:
         grad_x.addcmul_(x_hat, grad_inv_std * inv_std.square() / count, value=-1)
-    return grad_x
+    return grad_x, grad_gamma, grad_beta
 
 
 def _self_adjoint(t, x_hat, scale, count, means=None):
@@ -163,8 +173,9 @@ def native_launchers(ops) -> Launchers:
         out, mean_t, mean_tx = ops.batch_norm_linearization_forward(t, x_hat, scale.contiguous())
         return out, (mean_t, mean_tx)
 
-    def native_statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std):
-        return ops.batch_norm_statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std.contiguous())
+    def native_statistics_backward(grad_y, grad_x_hat, grad_inv_std, x_hat, inv_std, gamma):
+        return ops.batch_norm_statistics_backward(grad_y, grad_x_hat, grad_inv_std, x_hat, inv_std.contiguous(),
+                                                  None if gamma is None else gamma.contiguous())
 
     def native_streams_backward(grad_y, x, mean, inv_std, gamma, mean_t, mean_tx):
         if grad_y.stride(-1) != 1:  # the kernel reads rows with L contiguous
@@ -176,21 +187,26 @@ def native_launchers(ops) -> Launchers:
 
 
 class BatchStatistics(torch.autograd.Function):
-    """x [B, M, C, L] -> (x_hat, inv_std [M, C, 1], mean, var); mean and var (for the running statistics)
-    are not differentiable."""
+    """x [B, M, C, L], gamma and beta [M, C, 1] (or None) -> (y = gamma * x_hat + beta, x_hat, inv_std
+    [M, C, 1], mean, var); mean and var (for the running statistics) are not differentiable. One node for
+    the affine map too: its backward's products and sums were ~7 elementwise passes of the vjp mode's
+    step per layer, now part of the statistics' backward pass."""
 
     @staticmethod
-    def forward(ctx, x, eps, launchers):
+    def forward(ctx, x, gamma, beta, eps, launchers):
         x_hat, inv_std, mean, var = launchers.statistics_forward(x, eps)
+        y = x_hat.clone() if gamma is None else torch.addcmul(beta, x_hat, gamma)
         ctx.launchers = launchers
-        ctx.save_for_backward(x_hat, inv_std)
+        ctx.save_for_backward(x_hat, inv_std, gamma)
         ctx.mark_non_differentiable(mean, var)
-        return x_hat, inv_std, mean, var
+        return y, x_hat, inv_std, mean, var
 
     @staticmethod
-    def backward(ctx, grad_x_hat, grad_inv_std, _grad_mean, _grad_var):
-        x_hat, inv_std = ctx.saved_tensors
-        return ctx.launchers.statistics_backward(grad_x_hat, grad_inv_std, x_hat, inv_std), None, None
+    def backward(ctx, grad_y, grad_x_hat, grad_inv_std, _grad_mean, _grad_var):
+        x_hat, inv_std, gamma = ctx.saved_tensors
+        grad_x, grad_gamma, grad_beta = ctx.launchers.statistics_backward(grad_y, grad_x_hat, grad_inv_std, x_hat,
+                                                                          inv_std, gamma)
+        return grad_x, grad_gamma, grad_beta, None, None
 
 
 class NormalizedLinearization(torch.autograd.Function):
@@ -206,10 +222,12 @@ class NormalizedLinearization(torch.autograd.Function):
         return *ctx.launchers.linearization_backward(grad_out.contiguous(), *ctx.saved_tensors), None
 
 
-def batch_statistics(x: torch.Tensor, eps: float, launchers: Launchers = ATEN):
-    """Differentiable (x_hat, inv_std [M, C, 1]) of primal rows x [B, M, C, L], and the batch's mean and
-    biased variance [M, C, 1] (detached)."""
-    return BatchStatistics.apply(x, eps, launchers)
+def batch_statistics(x: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None, eps: float,
+                     launchers: Launchers = ATEN):
+    """Train-mode BatchNorm of primal rows x [B, M, C, L] that keeps what its linearization needs:
+    differentiable (y like x, x_hat like x, inv_std [M, C, 1]), and the batch's mean and biased variance
+    [M, C, 1] (detached). gamma and beta [M, C, 1], or both None."""
+    return BatchStatistics.apply(x, gamma, beta, eps, launchers)
 
 
 def normalized_linearization(t: torch.Tensor, x_hat: torch.Tensor, scale: torch.Tensor,

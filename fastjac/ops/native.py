@@ -15,7 +15,8 @@ Shapes (see the ops' modules for the semantics):
     stacked_linear_backward(grad_out [M,R,OUT], x, weight, mask?, streams, has_bias, needs_x_grad)
         -> (grad_x like x?, grad_weight like weight, grad_bias [M,OUT]?)
     stacked_addmm_(out [M,P,Q] (written), a [M,P,K], b [M,K,Q], bias [M,Q]?, accumulate) -> ()
-    batch_norm_statistics_backward(grad_x_hat?, grad_inv_std?, x_hat, inv_std) -> grad_x
+    batch_norm_statistics_backward(grad_y?, grad_x_hat?, grad_inv_std?, x_hat, inv_std, gamma?)
+        -> (grad_x, grad_gamma?, grad_beta? [M,C,1])
     batch_norm_linearization_forward(t [S,B,M,C,L], x_hat, scale [M,C,1]) -> (out, mean_t, mean_tx [S,1,M,C,1])
     batch_norm_linearization_backward(grad_out, t, x_hat, scale, mean_t, mean_tx) -> (grad_t, grad_x_hat, grad_scale)
     batch_norm_streams_forward(x [S,B,M,C,L], gamma?, beta? [M,C,1], eps)
@@ -54,8 +55,9 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("fastjac::batch_norm_statistics_backward")
-    def _(grad_x_hat, grad_inv_std, x_hat, inv_std):
-        return torch.empty_like(x_hat)
+    def _(grad_y, grad_x_hat, grad_inv_std, x_hat, inv_std, gamma):
+        affine = grad_y is not None and gamma is not None
+        return (torch.empty_like(x_hat), *(inv_std.new_empty(inv_std.shape) if affine else None for _ in range(2)))
 
     @torch.library.register_fake("fastjac::batch_norm_linearization_forward")
     def _(t, x_hat, scale):
