@@ -2,6 +2,8 @@
 (bench/targets.py), and the estimator-variance study end to end at smoke size (bench/variance.py)."""
 import math
 
+import pytest
+
 from bench import targets, variance
 
 
@@ -58,3 +60,13 @@ def test_variance_report_runs_and_brackets_the_exact_value():
             assert abs(mean - value) < 5 * sem, f"{mode}: mean {mean} vs exact {value} (s.e. {sem})"
         assert stats["step_ms"] > 0 and math.isfinite(stats["time_x_variance"])
     assert "| vjp | 0 |" in variance.format_variance(report)
+
+
+def test_rounds_sets_the_number_of_timed_calls():
+    """``--rounds N``: N timed calls of every case of the group, no fewer, however long they take."""
+    rows = targets.benchmark.run_table(archs=["mlp"], members=(1,), kinds=["plain", "loop"], rounds=7)
+    assert {r["kind"] for r in rows} == {"plain", "loop"}
+    assert all(r["error"] is None and r["runs"] == 7 for r in rows)
+    parser = targets.benchmark.make_parser("bench")
+    with pytest.raises(SystemExit):
+        targets.benchmark.run_from_args(parser, parser.parse_args(["--rounds", "0"]), ["--rounds", "0"])

@@ -670,10 +670,13 @@ def _first_line(error: Exception) -> str:
 
 
 def run_table(quick: bool = False, archs: Sequence[str] | None = None, members: Sequence[int] = MEMBERS,
-              file=None, *, device: str = "cpu", clock: str = "wall", kinds: Sequence[str] | None = None) -> list[dict]:
+              file=None, *, device: str = "cpu", clock: str = "wall", kinds: Sequence[str] | None = None,
+              rounds: int | None = None) -> list[dict]:
     """Run every case of every (arch, M) group, each group timed interleaved -> one dict per case.
     ``kinds``: only the cases of these kinds (``KINDS`` keys; default all), e.g. to leave out the
-    torch.compile cases where compiling would cost more than the run is allowed.
+    torch.compile cases where compiling would cost more than the run is allowed. ``rounds``: exactly
+    this many timed rounds per group, with no time limit (default: 20, or fewer once a group has run 20 s
+    and 5 rounds; 5 with ``quick``): on a noisy machine more rounds steady the medians.
 
     Row keys: name, kind, arch, M, K, backend, median_ms (wall clock), iqr_ms, cpu_ms (median process
     CPU time), time_ms (the median of ``clock``: what images/s, GFLOP/s and ratios use), runs, mem_bytes,
@@ -693,6 +696,8 @@ def run_table(quick: bool = False, archs: Sequence[str] | None = None, members: 
     archs = list(archs or arch_names())
     names, auto = bench_backends(device), backends.current(device)
     timing_options = dict(warmup=1, repeats=5, max_time=4.0) if quick else dict(warmup=3, repeats=20, max_time=20.0)
+    if rounds is not None:
+        timing_options.update(repeats=rounds, max_time=float("inf"))
     flop_counts: dict[tuple, int] = {}
 
     rows: list[dict] = []
@@ -864,6 +869,9 @@ def make_parser(prog: str = "python -m fastjac bench") -> argparse.ArgumentParse
                              "--threads 1 it excludes the time spent waiting for a core on a shared machine)")
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), metavar="KIND",
                         help=f"only these kinds of case (default: all): {', '.join(KINDS)}")
+    parser.add_argument("--rounds", type=int, help="exactly this many timed rounds per (arch, M) group, with no "
+                        "time limit (default: up to 20 within 20 s, at least 5): more steady the medians on a noisy "
+                        "machine")
     parser.add_argument("--out", help="also write the report (markdown) to this file")
     return parser
 
@@ -874,12 +882,14 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
     if any(m < 1 for m in args.members or []):
         parser.error("--members must be >= 1")
     memory.keep_freed_memory()
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     rows = run_table(args.quick, args.arch or arch_names(), tuple(args.members or MEMBERS), file=sys.stderr,
-                     device=args.device, clock=args.clock, kinds=args.kinds)
+                     device=args.device, clock=args.clock, kinds=args.kinds, rounds=args.rounds)
     command = f"{parser.prog} " + " ".join(argv)
     return rows, "\n".join([f"Command: `{command.strip()}`", "", format_markdown(rows, machine_info(rows, args.device,
                                                                                                    args.clock))])
