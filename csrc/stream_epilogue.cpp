@@ -57,6 +57,32 @@ struct Item {  // the work item `item` of O * B * blocks, as (o, b, f0, len)
   }
 };
 
+// The ReLU's row loops, compiled for AVX-512, AVX2 and the baseline and chosen at load time (GCC's
+// target_clones, glibc's ifunc), the pointers __restrict__: without both GCC left them scalar (the bool
+// pointer may alias the floats), 2x ATen's time per element on ResNet-8's activations.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTJAC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTJAC_CLONES
+#endif
+
+// Two loops over bytes: GCC vectorizes neither a bool nor a float-from-compare conversion in one loop
+#define FASTJAC_RELU_ROWS(T)                                                                                  \
+  FASTJAC_CLONES void masked_row(const T* __restrict__ src, const bool* __restrict__ mask, T* __restrict__ dst, \
+                                 int64_t n) {                                                                 \
+    const unsigned char* m = reinterpret_cast<const unsigned char*>(mask);                                    \
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * static_cast<T>(m[j]);                                   \
+  }                                                                                                           \
+  FASTJAC_CLONES void relu_row(const T* __restrict__ y, T* __restrict__ out, bool* __restrict__ mask,         \
+                               int64_t n) {                                                                   \
+    unsigned char* m = reinterpret_cast<unsigned char*>(mask);                                                \
+    for (int64_t j = 0; j < n; ++j) m[j] = y[j] > 0;                                                          \
+    masked_row(y, mask, out, n);                                                                              \
+  }
+FASTJAC_RELU_ROWS(float)
+FASTJAC_RELU_ROWS(double)
+#undef FASTJAC_RELU_ROWS
+
 template <typename scalar_t>
 void forward_kernel(const scalar_t* y, Strides ys, scalar_t* out, Strides os, const scalar_t* bias, bool* mask,
                     const EpilogueShape& sh) {
@@ -85,10 +111,7 @@ void forward_kernel(const scalar_t* y, Strides ys, scalar_t* out, Strides os, co
         }
       });
     } else if (m) {
-      for (int64_t j = 0; j < it.len; ++j) {
-        m[j] = y0[j] > 0;
-        out0[j] = y0[j] * static_cast<scalar_t>(m[j]);
-      }
+      relu_row(y0, out0, m, it.len);
     } else if (out0 != y0) {
       std::copy(y0, y0 + it.len, out0);
     }
@@ -98,7 +121,7 @@ void forward_kernel(const scalar_t* y, Strides ys, scalar_t* out, Strides os, co
       const scalar_t* ysrc = y0 + s * ys.s;
       scalar_t* odst = out0 + s * os.s;
       if (m) {
-        for (int64_t j = 0; j < it.len; ++j) odst[j] = ysrc[j] * static_cast<scalar_t>(m[j]);
+        masked_row(ysrc, m, odst, it.len);
       } else if (odst != ysrc) {
         std::copy(ysrc, ysrc + it.len, odst);
       }
@@ -148,7 +171,7 @@ void backward_kernel(const scalar_t* go, Strides gos, scalar_t* gy, Strides gys,
         const scalar_t* src = go0 + s * gos.s;
         scalar_t* dst = gy0 + s * gys.s;
         if (m) {
-          for (int64_t j = 0; j < it.len; ++j) dst[j] = src[j] * static_cast<scalar_t>(m[j]);
+          masked_row(src, m, dst, it.len);
         } else {
           std::copy(src, src + it.len, dst);
         }
