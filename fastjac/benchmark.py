@@ -881,9 +881,9 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
     process keeps freed memory (``fastjac.memory``), as fastjac's command line does: every row shares it."""
     if any(m < 1 for m in args.members or []):
         parser.error("--members must be >= 1")
-    memory.keep_freed_memory()
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    memory.keep_freed_memory()
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")

@@ -195,6 +195,7 @@ class BatchStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, eps, launchers):
         x_hat, inv_std, mean, var = launchers.statistics_forward(x, eps)
+        # without an affine map y is x_hat's value, as its own tensor: a Function's outputs are distinct
         y = x_hat.clone() if gamma is None else torch.addcmul(beta, x_hat, gamma)
         ctx.launchers = launchers
         ctx.save_for_backward(x_hat, inv_std, gamma)
