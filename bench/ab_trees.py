@@ -17,6 +17,10 @@ import fastjac
 from fastjac import benchmark
 if os.path.dirname(os.path.dirname(os.path.abspath(fastjac.__file__))) != os.getcwd():
     sys.exit(f"ab_trees: imported fastjac from {fastjac.__file__}, not from {os.getcwd()}")
+# as `python -m fastjac bench` runs its cases: without it every step faults freed memory in again, which
+# scattered LeNet's jvp pairs 0.59-1.24x (bench/RESULTS.md, 2026-12-01); a tree older than the setting runs without
+if hasattr(fastjac, "keep_freed_memory"):
+    fastjac.keep_freed_memory()
 arch = sys.argv[1]
 out = []
 for kind in ("plain", "jr_vjp", "jr_jvp", "infer_stacked"):
